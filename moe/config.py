@@ -1,0 +1,213 @@
+"""Frozen model configs: validation, derived dims, parameter and FLOP counts.
+
+`ModelConfig` is the only thing the model and its layers see (never the run
+config). It validates itself once, in `__post_init__`, and raises a
+`ConfigError` that names the bad value and what would be valid.
+
+Counting conventions (used by the report, MFU and the dense twins):
+  * parameters: every `nnx.Param` of the built model (embedding and unembedding
+    are separate matrices; the aux-loss-free balance bias is state, not a
+    parameter).
+  * active parameters: parameters that touch one token: the k routed experts
+    and the shared experts of each MoE layer instead of all E experts.
+  * training FLOPs per token: 6 x (active matmul parameters, i.e. without the
+    input embedding lookup) + 6 x the attention score/value matmuls
+    (2 x 2 x T x H x Dh per layer forward, averaged over causal positions as
+    in PaLM's 6N + 12 L H Dh T, halved for causality:
+    6 x L x H x Dh x T). Router and dispatch overhead are not model FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+
+ROUTERS = ('tokens_choose', 'experts_choose')
+DISPATCHES = ('einsum', 'gather')
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names it and what is valid."""
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f' Did you mean {close[0]!r}?' if close else ''
+    raise ConfigError(
+        f'{name}={value!r} is not valid; choose one of {choices}.{hint}')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """One MoE feed-forward layer (router, capacity, experts, losses)."""
+  num_experts: int = 8
+  top_k: int = 1                      # experts per token (tokens_choose)
+  expert_dim: int = 512               # hidden width F of each expert's SwiGLU
+  router: str = 'tokens_choose'       # or 'experts_choose' (not causal)
+  renormalize_gates: bool = False     # top-k gates divided by their sum
+  dispatch: str = 'einsum'            # or 'gather' (index-based)
+  group_size: int = 1024              # tokens per routing group (multiple of seq_len)
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  jitter_eps: float = 0.0             # Switch jitter: inputs x U(1-eps, 1+eps)
+  logit_noise_std: float = 0.0        # Gaussian noise on router logits
+  aux_loss_coef: float = 0.01         # unit-normalized: aux == 1.0 at uniform
+  z_loss_coef: float = 1e-3
+  num_shared_experts: int = 0         # always-active experts of width expert_dim
+  balance_bias_rate: float = 0.0      # DeepSeek-V3 aux-loss-free bias step; 0 = off
+
+  def __post_init__(self):
+    _check(self.num_experts >= 1,
+           f'moe.num_experts={self.num_experts} must be >= 1.')
+    _check_choice('moe.router', self.router, ROUTERS)
+    _check_choice('moe.dispatch', self.dispatch, DISPATCHES)
+    _check(1 <= self.top_k <= self.num_experts,
+           f'moe.top_k={self.top_k} must be between 1 and '
+           f'moe.num_experts={self.num_experts}.')
+    _check(self.expert_dim >= 1, f'moe.expert_dim={self.expert_dim} must be >= 1.')
+    _check(self.group_size >= 1, f'moe.group_size={self.group_size} must be >= 1.')
+    for name in ('train_capacity_factor', 'eval_capacity_factor'):
+      cf = getattr(self, name)
+      _check(cf > 0, f'moe.{name}={cf} must be > 0 (1.0 = exactly balanced '
+             'capacity; 1.25 is the Switch default).')
+    _check(self.min_capacity >= 1,
+           f'moe.min_capacity={self.min_capacity} must be >= 1.')
+    _check(0.0 <= self.jitter_eps < 1.0,
+           f'moe.jitter_eps={self.jitter_eps} must be in [0, 1).')
+    for name in ('logit_noise_std', 'aux_loss_coef', 'z_loss_coef',
+                 'balance_bias_rate'):
+      _check(getattr(self, name) >= 0,
+             f'moe.{name}={getattr(self, name)} must be >= 0.')
+    _check(self.num_shared_experts >= 0,
+           f'moe.num_shared_experts={self.num_shared_experts} must be >= 0.')
+
+  def capacity(self, group_size: int, train: bool) -> int:
+    """C = max(ceil(cf * k * S / E), min_capacity) for a group of S tokens."""
+    cf = self.train_capacity_factor if train else self.eval_capacity_factor
+    return capacity(group_size, self.num_experts, self.top_k, cf,
+                    self.min_capacity)
+
+
+def capacity(group_size: int, num_experts: int, top_k: int,
+             capacity_factor: float, min_capacity: int) -> int:
+  """Expert buffer slots per routing group: max(ceil(cf*k*S/E), min_capacity).
+
+  Never more than k*S (the most tokens one expert can receive in a group)."""
+  c = max(math.ceil(capacity_factor * top_k * group_size / num_experts),
+          min_capacity)
+  return min(c, top_k * group_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only Transformer LM; `moe=None` makes it dense."""
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  head_dim: int = 64
+  mlp_dim: int = 1024                 # hidden width of the dense SwiGLU layers
+  max_seq_len: int = 256
+  rope_theta: float = 10_000.0
+  dtype: str = 'float32'              # compute dtype; params and router stay f32
+  moe: MoeConfig | None = None
+  moe_every: int = 2                  # layer i is MoE when (i + 1) % moe_every == 0
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads',
+                 'head_dim', 'mlp_dim', 'max_seq_len', 'moe_every'):
+      _check(getattr(self, name) >= 1,
+             f'model.{name}={getattr(self, name)} must be >= 1.')
+    _check(self.head_dim % 2 == 0,
+           f'model.head_dim={self.head_dim} must be even (RoPE rotates pairs).')
+    _check_choice('model.dtype', self.dtype, DTYPES)
+    if self.moe is not None:
+      _check(self.moe_every <= self.num_layers,
+             f'model.moe_every={self.moe_every} exceeds model.num_layers='
+             f'{self.num_layers}: the model would have no MoE layer.')
+
+  # --- Derived structure -----------------------------------------------------
+  @property
+  def is_moe(self) -> bool:
+    return self.moe is not None
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.moe is not None and (i + 1) % self.moe_every == 0
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+  def check_sequence(self, seq_len: int) -> None:
+    """Refuses a sequence the model cannot take (before any compilation)."""
+    _check(1 <= seq_len <= self.max_seq_len,
+           f'sequence length {seq_len} exceeds model.max_seq_len='
+           f'{self.max_seq_len}; use seq_len <= {self.max_seq_len} or raise '
+           'max_seq_len.')
+    if self.moe is not None:
+      g = self.moe.group_size
+      _check(g % seq_len == 0,
+             f'moe.group_size={g} must be a multiple of seq_len={seq_len} '
+             '(routing groups hold whole sequences); for example '
+             f'{seq_len * max(1, g // seq_len)}.')
+
+  # --- Counting --------------------------------------------------------------
+  def _attn_params(self) -> int:
+    return 4 * self.d_model * self.num_heads * self.head_dim
+
+  def _moe_params(self, active: bool) -> int:
+    m = self.moe
+    experts = m.top_k if active else m.num_experts
+    router = self.d_model * m.num_experts
+    return router + (experts + m.num_shared_experts) * 3 * self.d_model * m.expert_dim
+
+  def _ffn_params(self, i: int, active: bool) -> int:
+    if self.is_moe_layer(i):
+      return self._moe_params(active)
+    return 3 * self.d_model * self.mlp_dim
+
+  def _param_count(self, active: bool) -> int:
+    d = self.d_model
+    per_layer = sum(self._attn_params() + self._ffn_params(i, active) + 2 * d
+                    for i in range(self.num_layers))
+    return 2 * self.vocab_size * d + per_layer + d  # embed, unembed, final norm
+
+  @property
+  def num_params(self) -> int:
+    """Total parameters of the built model."""
+    return self._param_count(active=False)
+
+  @property
+  def num_active_params(self) -> int:
+    """Parameters used by one token (k routed + shared experts per MoE layer)."""
+    return self._param_count(active=True)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward)."""
+    matmul_params = self.num_active_params - self.vocab_size * self.d_model
+    attention = self.num_layers * self.num_heads * self.head_dim * seq_len
+    return 6.0 * matmul_params + 6.0 * attention
+
+  # --- Dense twins -------------------------------------------------------------
+  def _dense_with_ffn_params(self, ffn_params_per_model: int) -> ModelConfig:
+    mlp_dim = max(1, round(ffn_params_per_model / (3 * self.d_model * self.num_layers)))
+    return dataclasses.replace(self, moe=None, mlp_dim=mlp_dim)
+
+  def dense_twin_total(self) -> ModelConfig:
+    """Dense model with the same total parameters (uniform, wider SwiGLU)."""
+    ffn = sum(self._ffn_params(i, active=False) for i in range(self.num_layers))
+    return self._dense_with_ffn_params(ffn)
+
+  def dense_twin_active(self) -> ModelConfig:
+    """Dense model with the same active FLOPs per token."""
+    ffn = sum(self._ffn_params(i, active=True) for i in range(self.num_layers))
+    return self._dense_with_ffn_params(ffn)

@@ -1,0 +1,101 @@
+"""Transformer building blocks (Flax NNX): RMSNorm, RoPE, causal
+self-attention, SwiGLU MLP.
+
+Shape letters: B batch, T length, D d_model, N heads, H head_dim, F mlp hidden.
+Parameters are float32; `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import sharding
+from moe.config import ModelConfig
+
+_init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+def fan_in_init(fan_in_axes: int):
+  """Truncated-normal init with variance 1/fan_in over the first axes."""
+  return nnx.initializers.variance_scaling(
+      1.0, 'fan_in', 'truncated_normal',
+      in_axis=tuple(range(fan_in_axes)), out_axis=-1)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, dim: int):
+    self.scale = sharding.param(nnx.initializers.ones, None, (dim,), ('embed',))
+
+  def __call__(self, x):  # [..., D]
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotary position embedding (rotate-half form). x: [B, T, N, H]."""
+  h = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2 / h)  # [H/2]
+  angle = positions[..., None].astype(jnp.float32) * freq               # [B, T, H/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with RoPE."""
+
+  def __init__(self, cfg: ModelConfig, key: jax.Array):
+    d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    qkv_init = fan_in_init(1)
+    self.wq = sharding.param(qkv_init, kq, (d, n, h), ('embed', 'heads', 'head_dim'))
+    self.wk = sharding.param(qkv_init, kk, (d, n, h), ('embed', 'heads', 'head_dim'))
+    self.wv = sharding.param(qkv_init, kv, (d, n, h), ('embed', 'heads', 'head_dim'))
+    self.wo = sharding.param(fan_in_init(2), ko, (n, h, d), ('heads', 'head_dim', 'embed'))
+    self.theta = cfg.rope_theta
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x):  # [B, T, D] -> [B, T, D]
+    dt = self.dtype
+    t = x.shape[1]
+    positions = jnp.arange(t)[None, :]
+    q = jnp.einsum('BTD,DNH->BTNH', x, self.wq[...].astype(dt))
+    k = jnp.einsum('BTD,DNH->BTNH', x, self.wk[...].astype(dt))
+    v = jnp.einsum('BTD,DNH->BTNH', x, self.wv[...].astype(dt))
+    q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+    q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+    scores = jnp.einsum('BTNH,BSNH->BNTS', q, k).astype(jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)              # [B, N, T, S]
+    out = jnp.einsum('BNTS,BSNH->BTNH', probs, v)
+    return jnp.einsum('BTNH,NHD->BTD', out, self.wo[...].astype(dt))
+
+
+def swiglu(x, w_gate, w_up, w_down, dt):
+  """SwiGLU feed-forward: (silu(x Wg) * x Wu) Wd; x: [..., D]."""
+  g = jnp.einsum('...D,DF->...F', x, w_gate.astype(dt))
+  u = jnp.einsum('...D,DF->...F', x, w_up.astype(dt))
+  return jnp.einsum('...F,FD->...D', jax.nn.silu(g) * u, w_down.astype(dt))
+
+
+class Mlp(nnx.Module):
+  """Dense SwiGLU MLP."""
+
+  def __init__(self, d_model: int, hidden: int, dtype: str, key: jax.Array):
+    kg, ku, kd = jax.random.split(key, 3)
+    self.w_gate = sharding.param(_init, kg, (d_model, hidden), ('embed', 'mlp'))
+    self.w_up = sharding.param(_init, ku, (d_model, hidden), ('embed', 'mlp'))
+    self.w_down = sharding.param(_init, kd, (hidden, d_model), ('mlp', 'embed'))
+    self.dtype = jnp.dtype(dtype)
+
+  def __call__(self, x):  # [B, T, D]
+    x = swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...], self.dtype)
+    return sharding.constrain(x, ('batch', 'length', 'act_embed'))

@@ -1,0 +1,104 @@
+"""Decoder-only Transformer LM with dense or MoE feed-forward layers.
+
+Pre-norm blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)), where FFN is
+an MoE layer on every `moe_every`-th layer (Switch/GShard: every other layer)
+and a dense SwiGLU elsewhere. Untied input embedding and output projection.
+
+`lm_loss` is next-token cross-entropy plus the MoE losses:
+  total = ce + aux_loss_coef * aux + z_loss_coef * z,
+aux and z averaged over MoE layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import sharding
+from moe.config import ModelConfig
+from moe.layers import Attention, Mlp, RMSNorm
+from moe.moe_layer import MoeFeedForward
+from moe.routing import RouterStats
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, index: int, key: jax.Array):
+    ka, kf = jax.random.split(key)
+    self.attn_norm = RMSNorm(cfg.d_model)
+    self.attn = Attention(cfg, ka)
+    self.ffn_norm = RMSNorm(cfg.d_model)
+    self.is_moe = cfg.is_moe_layer(index)
+    self.ffn = (MoeFeedForward(cfg, kf) if self.is_moe
+                else Mlp(cfg.d_model, cfg.mlp_dim, cfg.dtype, kf))
+
+  def __call__(self, x, *, train: bool, rng):
+    x = x + self.attn(self.attn_norm(x))
+    h = self.ffn_norm(x)
+    if self.is_moe:
+      y, stats = self.ffn(h, train=train, rng=rng)
+    else:
+      y, stats = self.ffn(h), None
+    return sharding.constrain(x + y, ('batch', 'length', 'act_embed')), stats
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, key: jax.Array):
+    ke, ku, *kb = jax.random.split(key, cfg.num_layers + 2)
+    self.cfg = cfg
+    self.embed = sharding.param(nnx.initializers.normal(1.0), ke,
+                                (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
+    self.blocks = nnx.List([Block(cfg, i, kb[i]) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model)
+    self.unembed = sharding.param(
+        nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
+        ku, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+
+  def __call__(self, tokens, *, train: bool = False, rng: jax.Array | None = None):
+    """tokens: [B, T] int -> (logits [B, T, V] float32, RouterStats stacked
+    over MoE layers, or None for a dense model)."""
+    dt = jnp.dtype(self.cfg.dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)        # [B, T, D]
+    x = sharding.constrain(x, ('batch', 'length', 'act_embed'))
+    stats = []
+    for i, block in enumerate(self.blocks):
+      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+      x, s = block(x, train=train, rng=layer_rng)
+      if s is not None:
+        stats.append(s)
+    x = self.final_norm(x)
+    logits = jnp.einsum('BTD,DV->BTV', x, self.unembed[...].astype(dt))
+    logits = sharding.constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else None
+    return logits, stacked
+
+  def moe_layers(self) -> list[MoeFeedForward]:
+    return [b.ffn for b in self.blocks if b.is_moe]
+
+  def update_balance_bias(self, stats: RouterStats):
+    """Aux-loss-free bias step for every MoE layer from this step's loads."""
+    for layer, load in zip(self.moe_layers(), stats.expert_load):
+      layer.update_balance_bias(load)
+
+
+def lm_loss(model: Transformer, tokens, *, train: bool,
+            rng: jax.Array | None = None):
+  """Next-token loss. tokens: [B, T+1] -> (total loss, metrics dict).
+
+  metrics: `loss` (cross-entropy), `aux_loss`, `z_loss` (means over MoE
+  layers), and `router` (RouterStats stacked over MoE layers) for MoE models.
+  """
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  logits, stats = model(inputs, train=train, rng=rng)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+  metrics = {'loss': ce}
+  total = ce
+  if stats is not None:
+    m = model.cfg.moe
+    aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
+    total = ce + m.aux_loss_coef * aux + m.z_loss_coef * z
+    metrics.update(aux_loss=aux, z_loss=z, router=stats)
+  return total, metrics

@@ -1,0 +1,93 @@
+"""MoeFeedForward: router + dispatch + experts (+ shared experts).
+
+Switch Transformer (Fedus et al. 2021, arXiv 2101.03961) and GShard
+(Lepikhin et al. 2020): the layer replaces a dense SwiGLU; each token goes to
+k of E experts within its routing group; a token whose expert is full is
+dropped (its MoE output is zero and the residual carries it).
+
+  1. group: [B, T, D] -> [G, S, D], S = group_size tokens = whole sequences,
+     laid out time-major (position t of every sequence before t+1), so
+     capacity priority by position keeps routing causal across the group.
+  2. route: float32 logits (+ noise in training) -> Routing, RouterStats.
+  3. dispatch, run experts, combine (moe.dispatch).
+  4. ungroup, add the shared experts (always active).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import dispatch, routing, sharding
+from moe.config import ConfigError, ModelConfig
+from moe.layers import Mlp, fan_in_init
+
+
+class BalanceBias(nnx.Variable):
+  """Aux-loss-free balancing bias (DeepSeek-V3): state, not a parameter."""
+
+
+def to_groups(x, seqs_per_group: int):
+  """[B, T, D] -> [G, S, D] with S = seqs_per_group * T, time-major."""
+  b, t, d = x.shape
+  x = x.reshape(b // seqs_per_group, seqs_per_group, t, d)
+  return x.transpose(0, 2, 1, 3).reshape(b // seqs_per_group, t * seqs_per_group, d)
+
+
+def from_groups(x, seqs_per_group: int, t: int):
+  """Inverse of `to_groups`."""
+  g, s, d = x.shape
+  x = x.reshape(g, t, seqs_per_group, d).transpose(0, 2, 1, 3)
+  return x.reshape(g * seqs_per_group, t, d)
+
+
+class MoeFeedForward(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, key: jax.Array):
+    m = cfg.moe
+    d, e, f = cfg.d_model, m.num_experts, m.expert_dim
+    kr, kg, ku, kd, ks = jax.random.split(key, 5)
+    self.cfg = m
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.w_router = sharding.param(fan_in_init(1), kr, (d, e), ('embed', 'router'))
+    self.w_gate = sharding.param(fan_in_init(2), kg, (e, d, f), ('expert', 'embed', 'expert_mlp'))
+    self.w_up = sharding.param(fan_in_init(2), ku, (e, d, f), ('expert', 'embed', 'expert_mlp'))
+    self.w_down = sharding.param(fan_in_init(2), kd, (e, f, d), ('expert', 'expert_mlp', 'embed'))
+    self.balance_bias = BalanceBias(jnp.zeros((e,), jnp.float32), logical_axes=('router',))
+    # k shared experts of width F == one SwiGLU of width k*F.
+    self.shared = (Mlp(d, m.num_shared_experts * f, cfg.dtype, ks)
+                   if m.num_shared_experts else None)
+
+  def seqs_per_group(self, batch: int, seq_len: int) -> int:
+    """Sequences per routing group: group_size // seq_len, at most the batch."""
+    spg = min(max(self.cfg.group_size // seq_len, 1), batch)
+    if batch % spg:
+      raise ConfigError(
+          f'batch of {batch} sequences does not split into routing groups of '
+          f'{spg} sequences (moe.group_size={self.cfg.group_size}, seq_len='
+          f'{seq_len}); use a batch that is a multiple of {spg}.')
+    return spg
+
+  def __call__(self, x, *, train: bool, rng: jax.Array | None = None):
+    """x: [B, T, D] -> ([B, T, D], RouterStats)."""
+    b, t, _ = x.shape
+    spg = self.seqs_per_group(b, t)
+    xg = sharding.constrain(to_groups(x, spg), ('group', 'length', 'act_embed'))
+    logits = routing.router_logits(xg, self.w_router[...], cfg=self.cfg,
+                                   train=train, rng=rng)          # [G, S, E] f32
+    bias = self.balance_bias[...] if self.cfg.balance_bias_rate > 0 else None
+    r, stats = routing.route(logits, self.cfg,
+                             self.cfg.capacity(xg.shape[1], train), bias)
+    w = dispatch.ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
+    yg = dispatch.DISPATCHES[self.cfg.dispatch](xg, r, w, self.dtype)
+    y = from_groups(sharding.constrain(yg, ('group', 'length', 'act_embed')), spg, t)
+    if self.shared is not None:
+      y = y + self.shared(x)
+    return y, stats
+
+  def update_balance_bias(self, expert_load):
+    """Applies the aux-loss-free bias rule for this step's load [E]."""
+    if self.cfg.balance_bias_rate > 0:
+      self.balance_bias[...] = routing.balance_bias_update(
+          self.balance_bias[...], expert_load, self.cfg.balance_bias_rate)

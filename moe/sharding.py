@@ -1,0 +1,219 @@
+"""Logical axis names, the ONE rules table that maps them to mesh axes, and
+`constrain()` for activations.
+
+Parameters are created through `param()`, which records their logical axis
+names (`Param.logical_axes`). Activations are pinned at block boundaries with
+`constrain(x, names)`, a no-op when no mesh is set (`jax.set_mesh`), so the
+unsharded model is the (1, 1, 1) mesh case of the same code.
+
+Mesh axes: `data`, `expert`, `model`. The batch and the routing groups are
+sharded over (`data`, `expert`): the expert axis doubles as data parallelism
+for the non-expert layers (GShard / t5x). Expert weights are sharded over
+`expert` on their expert dimension and over `model` on their hidden dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import math
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe.config import ConfigError, ModelConfig
+
+MESH_AXES = ('data', 'expert', 'model')
+BATCH_AXES = ('data', 'expert')
+
+# One rule per logical name: duplicate names would silently override.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    'batch': BATCH_AXES,        # sequences in a batch
+    'group': BATCH_AXES,        # routing groups
+    'expert_group': 'data',     # routing groups inside expert buffers
+    'length': None,             # positions in a sequence / tokens in a group
+    'act_embed': None,          # d_model of activations
+    'vocab': 'model',
+    'embed': None,              # d_model of weights ('data' under FSDP)
+    'heads': 'model',
+    'head_dim': None,
+    'mlp': 'model',             # dense SwiGLU hidden
+    'expert': 'expert',         # expert dimension of expert weights / buffers
+    'router': None,             # expert dimension of router weights / logits
+    'expert_mlp': 'model',      # expert SwiGLU hidden
+    'capacity': None,           # expert buffer slots
+}
+
+
+def param(init, key: jax.Array, shape: Sequence[int], axes: Sequence[str | None],
+          dtype=jax.numpy.float32) -> nnx.Param:
+  """An `nnx.Param` initialized by `init` and named by logical `axes`."""
+  assert len(axes) == len(shape), (axes, shape)
+  for a in axes:
+    assert a is None or a in RULES, f'logical axis {a!r} has no rule'
+  return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def spec(axes: Sequence[str | None], rule_table=None) -> P:
+  """PartitionSpec for logical `axes` under the rules table."""
+  rule_table = RULES if rule_table is None else rule_table
+  return P(*(None if a is None else rule_table[a] for a in axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's layout by logical names; no-op without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec(axes))
+
+
+def rules(fsdp: bool = False) -> dict:
+  """The rules table; FSDP shards the weights' d_model over `data`."""
+  return {**RULES, 'embed': 'data'} if fsdp else RULES
+
+
+# --- Mesh -------------------------------------------------------------------
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, int, int]:
+  """(data, expert, model) with at most one -1 meaning 'the rest'."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(
+        f'mesh shape {shape} is not valid: give (data, expert, model) sizes '
+        '>= 1, with at most one -1 meaning "the rest of the devices".')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ConfigError(
+          f'mesh shape {shape}: {num_devices} devices do not divide by {known}.')
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ConfigError(
+        f'mesh shape {shape} needs {math.prod(shape)} devices but '
+        f'{num_devices} exist; use sizes whose product is {num_devices} '
+        '(or -1 for one axis).')
+  return shape
+
+
+def make_mesh(shape, devices=None) -> jax.sharding.Mesh:
+  """A (data, expert, model) mesh; axis types are always given explicitly."""
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def validate_layout(cfg: ModelConfig, mesh_shape, *, global_batch: int,
+                    seq_len: int) -> None:
+  """Refuses, before compilation, a model and batch the mesh cannot hold."""
+  data, expert, model = mesh_shape
+  cfg.check_sequence(seq_len)
+  batch_shards = data * expert
+  errors = []
+  if global_batch % batch_shards:
+    errors.append(f'batch_size={global_batch} is not divisible by data x expert '
+                  f'= {data} x {expert} = {batch_shards} devices')
+  for name in ('num_heads', 'mlp_dim', 'vocab_size'):
+    if getattr(cfg, name) % model:
+      errors.append(f'model.{name}={getattr(cfg, name)} is not divisible by the '
+                    f'model axis ({model})')
+  if cfg.moe is not None:
+    m = cfg.moe
+    if m.num_experts % expert:
+      errors.append(f'moe.num_experts={m.num_experts} is not divisible by the '
+                    f'expert axis ({expert})')
+    if m.expert_dim % model:
+      errors.append(f'moe.expert_dim={m.expert_dim} is not divisible by the '
+                    f'model axis ({model})')
+    spg = min(max(m.group_size // seq_len, 1), global_batch)
+    groups = global_batch // spg
+    if global_batch % spg == 0 and groups % batch_shards:
+      errors.append(f'{groups} routing groups (batch_size={global_batch} / '
+                    f'{spg} sequences per group from moe.group_size='
+                    f'{m.group_size}) are not divisible by data x expert = '
+                    f'{batch_shards}; lower moe.group_size or raise batch_size')
+  if errors:
+    raise ConfigError(f'cannot lay out on mesh (data={data}, expert={expert}, '
+                      f'model={model}): ' + '; '.join(errors) + '.')
+
+
+# --- Shardings of state trees -------------------------------------------------
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(tree, mesh, rule_table=None):
+  """NamedShardings for a tree of nnx Variables (by logical_axes) and arrays
+  (replicated); optimizer states inherit their parameters' names."""
+  def one(x):
+    if _is_var(x):
+      axes = x.get_metadata().get('logical_axes')
+      sharding = NamedSharding(mesh, spec(axes, rule_table) if axes else P())
+      return x.replace(sharding)
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, tree, is_leaf=_is_var)
+
+
+def check_sharded(tree, shardings, min_size: int = 2 ** 14) -> None:
+  """Refuses a run whose large parameters ended up replicated by mistake:
+  every array of >= min_size elements that its rules split across devices
+  must really hold only its shard on each device."""
+  for path, x, s in zip(*_paths_and_leaves(tree), jax.tree.leaves(shardings)):
+    if x.size < min_size:
+      continue
+    want = s.shard_shape(x.shape)
+    have = x.addressable_shards[0].data.shape
+    if math.prod(want) < x.size and tuple(have) != tuple(want):
+      raise RuntimeError(
+          f'parameter {path} of shape {x.shape} is held as {have} per device '
+          f'but its rules shard it to {want}: it was replicated by mistake.')
+
+
+def _paths_and_leaves(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [jax.tree_util.keystr(p) for p, _ in flat], [x for _, x in flat]
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of the tree's arrays held on the first device."""
+  dev = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree)
+             for s in x.addressable_shards if s.device == dev)
+
+
+# --- Multi-process -------------------------------------------------------------
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+  """`jax.distributed.initialize`: explicit coordinator flags, or the
+  environment's cluster auto-detection (TPU pod slices, Slurm, ...).
+
+  A single process without a cluster environment still initializes (with
+  num_processes=1) so that orbax's preemption check works everywhere."""
+  if coordinator or num_processes or process_id is not None:
+    if not (coordinator and num_processes and process_id is not None):
+      raise ConfigError(
+          'multi-process flags need all three: coordinator address '
+          f'({coordinator!r}), num_processes ({num_processes!r}) and '
+          f'process_id ({process_id!r}).')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif _in_cluster():
+    jax.distributed.initialize()
+
+
+def _in_cluster() -> bool:
+  """True under a launcher whose environment jax can auto-detect."""
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  tpu = os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
+  return slurm or tpu
+
+
+def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """One global batch from each process's rows (multi-host input)."""
+  return jax.make_array_from_process_local_data(sharding, local)

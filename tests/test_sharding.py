@@ -1,0 +1,162 @@
+"""Expert parallelism: every mesh equals one device; experts really split."""
+
+import functools
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import sharded_setup
+from moe import sharding
+from moe.config import ConfigError, ModelConfig, MoeConfig
+
+MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+DISPATCHES = ['einsum', 'gather']
+
+
+def _to_np(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+@functools.cache
+def _grads(mesh_shape, dispatch):
+  """(loss, grads, compiled HLO text, Setup, state) of one train step."""
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  s, state = sharded_setup.build(mesh_shape, dispatch, devices)
+  tokens = jax.device_put(sharded_setup.batches(1)[0], s.batch_sharding)
+  loss, metrics, grads = s.loss_and_grads(state, tokens)
+  hlo = s.loss_and_grads.lower(state, tokens).compile().as_text()
+  assert float(metrics['router'].dropped_fraction.mean()) > 0  # tight capacity
+  return float(loss), _to_np(grads), hlo, s, state
+
+
+@pytest.mark.parametrize('dispatch', DISPATCHES)
+@pytest.mark.parametrize('mesh_shape', MESHES[1:])
+def test_mesh_equals_single_device(mesh_shape, dispatch):
+  loss, grads, *_ = _grads(mesh_shape, dispatch)
+  ref_loss, ref_grads, *_ = _grads((1, 1, 1), dispatch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, ref_grads)
+
+
+def test_dispatch_paths_agree_on_one_device():
+  loss_e, grads_e, *_ = _grads((1, 1, 1), 'einsum')
+  loss_g, grads_g, *_ = _grads((1, 1, 1), 'gather')
+  np.testing.assert_allclose(loss_e, loss_g, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads_e, grads_g)
+
+
+def _all_to_alls(hlo: str) -> int:
+  return len(re.findall(r'\ball-to-all(?:-start)?\(', hlo))
+
+
+@pytest.mark.parametrize('dispatch', DISPATCHES)
+def test_expert_axis_compiles_to_all_to_all(dispatch):
+  for mesh_shape in MESHES:
+    hlo = _grads(mesh_shape, dispatch)[2]
+    if mesh_shape[1] > 1:
+      assert _all_to_alls(hlo) >= 2, (mesh_shape, dispatch)
+    if mesh_shape == (1, 1, 1):
+      assert _all_to_alls(hlo) == 0
+
+
+@pytest.mark.parametrize('mesh_shape', [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)])
+def test_expert_weights_split_over_expert_and_model(mesh_shape):
+  *_, state = _grads(mesh_shape, 'gather')
+  _, expert, model = mesh_shape
+  for block in state.params['blocks'].values():
+    for name in ('w_gate', 'w_up', 'w_down'):
+      w = block['ffn'][name][...]
+      held = sharding.bytes_per_device(w)
+      assert held * expert * model == w.nbytes, (name, held, w.nbytes)
+
+
+def test_replicated_large_parameter_is_refused():
+  _, _, _, s, state = _grads((1, 8, 1), 'gather')
+  sharding.check_sharded(state.params, s.state_shardings.params, min_size=1)
+  w = state.params['blocks'][0]['ffn']['w_gate']
+  replicated = jax.device_put(w[...], jax.sharding.NamedSharding(
+      s.mesh, jax.sharding.PartitionSpec()))
+  bad = jax.tree.map(lambda x: x, state.params)
+  bad['blocks'][0]['ffn']['w_gate'] = w.replace(replicated)
+  with pytest.raises(RuntimeError, match='replicated by mistake'):
+    sharding.check_sharded(bad, s.state_shardings.params, min_size=1)
+
+
+def _cfg(**moe):
+  return ModelConfig(vocab_size=128, d_model=16, num_layers=2, num_heads=4,
+                     head_dim=4, mlp_dim=32, max_seq_len=8,
+                     moe=MoeConfig(**{'num_experts': 8, 'expert_dim': 16,
+                                      'group_size': 8, **moe}))
+
+
+@pytest.mark.parametrize('cfg,mesh_shape,batch,message', [
+    (_cfg(num_experts=6), (1, 4, 2), 16, r'moe.num_experts=6 is not divisible by the expert axis \(4\)'),
+    (_cfg(), (2, 4, 1), 12, r'batch_size=12 is not divisible by data x expert = 2 x 4 = 8'),
+    (_cfg(group_size=32), (2, 4, 1), 16, r'4 routing groups .* not divisible by data x expert = 8'),
+    (_cfg(expert_dim=15), (1, 4, 2), 16, r'moe.expert_dim=15 is not divisible by the model axis \(2\)'),
+    (ModelConfig(num_heads=3, head_dim=8, max_seq_len=8), (4, 1, 2), 16,
+     r'model.num_heads=3 is not divisible by the model axis \(2\)'),
+])
+def test_invalid_layout_refused_before_compilation(cfg, mesh_shape, batch, message):
+  with pytest.raises(ConfigError, match=message):
+    sharding.validate_layout(cfg, mesh_shape, global_batch=batch, seq_len=8)
+
+
+@pytest.mark.parametrize('shape,message', [
+    ((4, 4, 1), r'needs 16 devices but 8 exist'),
+    ((3, -1, 1), r'8 devices do not divide by 3'),
+    ((2, -1, -1), r'at most one -1'),
+])
+def test_invalid_mesh_refused(shape, message):
+  with pytest.raises(ConfigError, match=message):
+    sharding.make_mesh(shape)
+
+
+def test_mesh_rest_axis_and_explicit_axis_types():
+  mesh = sharding.make_mesh((2, -1, 1))
+  assert dict(mesh.shape) == {'data': 2, 'expert': 4, 'model': 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """2 real processes x 4 CPU devices under jax.distributed == 8 devices here."""
+  port, out = _free_port(), tmp_path / 'losses.json'
+  here = os.path.dirname(__file__)
+  env = {**os.environ, 'PYTHONPATH': here + os.pathsep + os.environ.get('PYTHONPATH', '')}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(here, 'sharded_worker.py'),
+       '--coordinator', f'127.0.0.1:{port}', '--num_processes', '2',
+       '--process_id', str(i), '--out', str(out)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), '\n'.join(l[-3000:] for l in logs)
+
+  s, state = sharded_setup.build((2, 4, 1), 'gather')
+  want = []
+  for tokens in sharded_setup.batches():
+    state, metrics = s.train_step(state, jax.device_put(tokens, s.batch_sharding))
+    want.append(float(metrics['loss']))
+  got = json.loads(out.read_text())['losses']
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert len(set(np.round(want, 4))) == len(want)  # the steps really trained
