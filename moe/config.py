@@ -24,6 +24,7 @@ import difflib
 import math
 
 ROUTERS = ('tokens_choose', 'experts_choose')
+PRIORITIES = ('choice', 'position')
 DISPATCHES = ('einsum', 'gather')
 DTYPES = ('float32', 'bfloat16')
 
@@ -52,6 +53,7 @@ class MoeConfig:
   top_k: int = 1                      # experts per token (tokens_choose)
   expert_dim: int = 512               # hidden width F of each expert's SwiGLU
   router: str = 'tokens_choose'       # or 'experts_choose' (not causal)
+  priority: str = 'choice'            # capacity priority: 'choice' or 'position'
   renormalize_gates: bool = False     # top-k gates divided by their sum
   dispatch: str = 'einsum'            # or 'gather' (index-based)
   group_size: int = 1024              # tokens per routing group (multiple of seq_len)
@@ -70,6 +72,7 @@ class MoeConfig:
            f'moe.num_experts={self.num_experts} must be >= 1.')
     _check_choice('moe.router', self.router, ROUTERS)
     _check_choice('moe.dispatch', self.dispatch, DISPATCHES)
+    _check_choice('moe.priority', self.priority, PRIORITIES)
     _check(1 <= self.top_k <= self.num_experts,
            f'moe.top_k={self.top_k} must be between 1 and '
            f'moe.num_experts={self.num_experts}.')
@@ -90,10 +93,18 @@ class MoeConfig:
     _check(self.num_shared_experts >= 0,
            f'moe.num_shared_experts={self.num_shared_experts} must be >= 0.')
 
-  def capacity(self, group_size: int, train: bool) -> int:
-    """C = max(ceil(cf * k * S / E), min_capacity) for a group of S tokens."""
-    cf = self.train_capacity_factor if train else self.eval_capacity_factor
-    return capacity(group_size, self.num_experts, self.top_k, cf,
+  def capacity(self, group_size: int, train: bool,
+               factor: float | str | None = None) -> int:
+    """C = max(ceil(cf * k * S / E), min_capacity) for a group of S tokens.
+
+    `factor` overrides the train/eval factor (eval's capacity what-if);
+    'dropless' gives C = S, room for every token of the group."""
+    if factor == 'dropless':
+      return group_size
+    if factor is None:
+      factor = self.train_capacity_factor if train else self.eval_capacity_factor
+    _check(factor > 0, f'capacity factor {factor} must be > 0 or \'dropless\'.')
+    return capacity(group_size, self.num_experts, self.top_k, factor,
                     self.min_capacity)
 
 
@@ -101,10 +112,12 @@ def capacity(group_size: int, num_experts: int, top_k: int,
              capacity_factor: float, min_capacity: int) -> int:
   """Expert buffer slots per routing group: max(ceil(cf*k*S/E), min_capacity).
 
-  Never more than k*S (the most tokens one expert can receive in a group)."""
-  c = max(math.ceil(capacity_factor * top_k * group_size / num_experts),
+  Never more than S: a token's k choices are distinct experts, so one expert
+  receives at most S tokens of a group. The 1e-9 keeps float error from
+  rounding an exact integer up (1.1 * 100 / 11 = 10.000000000000002)."""
+  c = max(math.ceil(capacity_factor * top_k * group_size / num_experts - 1e-9),
           min_capacity)
-  return min(c, top_k * group_size)
+  return min(c, group_size)
 
 
 @dataclasses.dataclass(frozen=True)

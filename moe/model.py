@@ -33,11 +33,11 @@ class Block(nnx.Module):
     self.ffn = (MoeFeedForward(cfg, kf) if self.is_moe
                 else Mlp(cfg.d_model, cfg.mlp_dim, cfg.dtype, kf))
 
-  def __call__(self, x, *, train: bool, rng):
+  def __call__(self, x, *, train: bool, rng, capacity_factor=None):
     x = x + self.attn(self.attn_norm(x))
     h = self.ffn_norm(x)
     if self.is_moe:
-      y, stats = self.ffn(h, train=train, rng=rng)
+      y, stats = self.ffn(h, train=train, rng=rng, capacity_factor=capacity_factor)
     else:
       y, stats = self.ffn(h), None
     return sharding.constrain(x + y, ('batch', 'length', 'act_embed')), stats
@@ -56,16 +56,18 @@ class Transformer(nnx.Module):
         nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
         ku, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
 
-  def __call__(self, tokens, *, train: bool = False, rng: jax.Array | None = None):
+  def __call__(self, tokens, *, train: bool = False, rng: jax.Array | None = None,
+               capacity_factor: float | str | None = None):
     """tokens: [B, T] int -> (logits [B, T, V] float32, RouterStats stacked
-    over MoE layers, or None for a dense model)."""
+    over MoE layers, or None for a dense model). `capacity_factor` overrides
+    the configured one ('dropless': no drops)."""
     dt = jnp.dtype(self.cfg.dtype)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)        # [B, T, D]
     x = sharding.constrain(x, ('batch', 'length', 'act_embed'))
     stats = []
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x, s = block(x, train=train, rng=layer_rng)
+      x, s = block(x, train=train, rng=layer_rng, capacity_factor=capacity_factor)
       if s is not None:
         stats.append(s)
     x = self.final_norm(x)
@@ -84,14 +86,14 @@ class Transformer(nnx.Module):
 
 
 def lm_loss(model: Transformer, tokens, *, train: bool,
-            rng: jax.Array | None = None):
+            rng: jax.Array | None = None, capacity_factor=None):
   """Next-token loss. tokens: [B, T+1] -> (total loss, metrics dict).
 
   metrics: `loss` (cross-entropy), `aux_loss`, `z_loss` (means over MoE
   layers), and `router` (RouterStats stacked over MoE layers) for MoE models.
   """
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  logits, stats = model(inputs, train=train, rng=rng)
+  logits, stats = model(inputs, train=train, rng=rng, capacity_factor=capacity_factor)
   logp = jax.nn.log_softmax(logits, axis=-1)
   ce = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
   metrics = {'loss': ce}

@@ -7,7 +7,8 @@ dropped (its MoE output is zero and the residual carries it).
 
   1. group: [B, T, D] -> [G, S, D], S = group_size tokens = whole sequences,
      laid out time-major (position t of every sequence before t+1), so
-     capacity priority by position keeps routing causal across the group.
+     capacity priority by position keeps top-1 routing causal across the
+     group (and top-k with moe.priority='position'; see moe.routing).
   2. route: float32 logits (+ noise in training) -> Routing, RouterStats.
   3. dispatch, run experts, combine (moe.dispatch).
   4. ungroup, add the shared experts (always active).
@@ -22,6 +23,12 @@ from flax import nnx
 from moe import dispatch, routing, sharding
 from moe.config import ConfigError, ModelConfig
 from moe.layers import Mlp, fan_in_init
+
+
+# Each expert is its own SwiGLU: fan-in is D (or F), not E * D; the expert
+# axis is a batch axis. (Over (E, D) the experts started sqrt(E) too small.)
+_expert_init = nnx.initializers.variance_scaling(
+    1.0, 'fan_in', 'truncated_normal', in_axis=1, out_axis=2, batch_axis=(0,))
 
 
 class BalanceBias(nnx.Variable):
@@ -51,9 +58,9 @@ class MoeFeedForward(nnx.Module):
     self.cfg = m
     self.dtype = jnp.dtype(cfg.dtype)
     self.w_router = sharding.param(fan_in_init(1), kr, (d, e), ('embed', 'router'))
-    self.w_gate = sharding.param(fan_in_init(2), kg, (e, d, f), ('expert', 'embed', 'expert_mlp'))
-    self.w_up = sharding.param(fan_in_init(2), ku, (e, d, f), ('expert', 'embed', 'expert_mlp'))
-    self.w_down = sharding.param(fan_in_init(2), kd, (e, f, d), ('expert', 'expert_mlp', 'embed'))
+    self.w_gate = sharding.param(_expert_init, kg, (e, d, f), ('expert', 'embed', 'expert_mlp'))
+    self.w_up = sharding.param(_expert_init, ku, (e, d, f), ('expert', 'embed', 'expert_mlp'))
+    self.w_down = sharding.param(_expert_init, kd, (e, f, d), ('expert', 'expert_mlp', 'embed'))
     self.balance_bias = BalanceBias(jnp.zeros((e,), jnp.float32), logical_axes=('router',))
     # k shared experts of width F == one SwiGLU of width k*F.
     self.shared = (Mlp(d, m.num_shared_experts * f, cfg.dtype, ks)
@@ -69,8 +76,10 @@ class MoeFeedForward(nnx.Module):
           f'{seq_len}); use a batch that is a multiple of {spg}.')
     return spg
 
-  def __call__(self, x, *, train: bool, rng: jax.Array | None = None):
-    """x: [B, T, D] -> ([B, T, D], RouterStats)."""
+  def __call__(self, x, *, train: bool, rng: jax.Array | None = None,
+               capacity_factor: float | str | None = None):
+    """x: [B, T, D] -> ([B, T, D], RouterStats). `capacity_factor` overrides
+    the configured train/eval factor ('dropless': no token is dropped)."""
     b, t, _ = x.shape
     spg = self.seqs_per_group(b, t)
     xg = sharding.constrain(to_groups(x, spg), ('group', 'length', 'act_embed'))
@@ -78,7 +87,8 @@ class MoeFeedForward(nnx.Module):
                                    train=train, rng=rng)          # [G, S, E] f32
     bias = self.balance_bias[...] if self.cfg.balance_bias_rate > 0 else None
     r, stats = routing.route(logits, self.cfg,
-                             self.cfg.capacity(xg.shape[1], train), bias)
+                             self.cfg.capacity(xg.shape[1], train, capacity_factor),
+                             bias)
     w = dispatch.ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
     yg = dispatch.DISPATCHES[self.cfg.dispatch](xg, r, w, self.dtype)
     y = from_groups(sharding.constrain(yg, ('group', 'length', 'act_embed')), spg, t)

@@ -8,9 +8,12 @@ Tokens-choose top-k (Switch k=1, GShard k=2, any k <= E):
   1. probs = softmax(logits) in float32                          # [G, S, E]
   2. choose the top-k of probs (+ the balance bias, for selection only)
   3. gates = probs of the chosen experts (optionally renormalized over k)
-  4. slots: choices are ranked first-choice-before-second-choice, then by
-     token position (the group is laid out time-major, so routing stays
-     causal); a choice's slot is its rank among its expert's choices
+  4. slots: a choice's slot is its rank among its expert's choices, ranked
+     (priority='choice', GShard) every first choice before any second choice,
+     then by token position; or (priority='position') by position, then
+     choice. The group is laid out time-major, so top-1 routing is causal
+     with either; for k > 1 only 'position' is: under 'choice' a later
+     token's first choice can take an earlier token's second-choice slot
   5. kept = slot < C; dropped choices get gate 0 (the residual carries them)
 
 Experts-choose (Zhou et al. 2022): each expert takes its top-C tokens by
@@ -73,20 +76,26 @@ def router_logits(x, w_router, *, cfg: MoeConfig, train: bool,
   return logits
 
 
-def _slots_by_priority(expert_index, num_experts):
-  """Rank of each choice among its expert's choices, first choices first.
+def _slots_by_priority(expert_index, num_experts, priority: str):
+  """Rank of each choice among its expert's choices.
 
+  priority 'choice': every first choice before any second choice, then by
+  position (GShard); 'position': by position, then choice (causal for any k).
   expert_index: [S, K] -> slots [S, K] and per-expert counts [E].
   Sort-based (O(KS log KS)), so the cost does not grow with E.
   """
   s, k = expert_index.shape
-  flat = expert_index.T.reshape(k * s)              # priority order: k-major, then s
+  if priority == 'choice':
+    flat = expert_index.T.reshape(k * s)            # k-major, then s
+  else:
+    flat = expert_index.reshape(s * k)              # s-major, then k
   order = jnp.argsort(flat, stable=True)            # [KS] grouped by expert
   counts = jnp.bincount(flat, length=num_experts)   # [E]
   starts = jnp.cumsum(counts) - counts              # [E]
   rank_sorted = jnp.arange(k * s) - starts[flat[order]]
   rank = jnp.zeros(k * s, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
-  return rank.reshape(k, s).T, counts
+  rank = rank.reshape(k, s).T if priority == 'choice' else rank.reshape(s, k)
+  return rank, counts
 
 
 def _entropy(probs):
@@ -116,7 +125,8 @@ def tokens_choose(logits, cfg: MoeConfig, capacity: int,
   gate = jnp.take_along_axis(probs, expert_index, axis=-1)       # [G, S, K]
   if cfg.renormalize_gates:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
-  slot, counts = jax.vmap(lambda i: _slots_by_priority(i, e))(expert_index)
+  slot, counts = jax.vmap(
+      lambda i: _slots_by_priority(i, e, cfg.priority))(expert_index)
   kept = slot < capacity
   routing = Routing(expert_index.astype(jnp.int32), slot, kept,
                     jnp.where(kept, gate, 0.0), capacity)
@@ -124,7 +134,7 @@ def tokens_choose(logits, cfg: MoeConfig, capacity: int,
       aux_loss=aux_loss(probs, expert_index, e),
       z_loss=_z_loss(logits),
       expert_load=counts.sum(0) / counts.sum(),
-      dropped_fraction=1.0 - jnp.mean(kept.astype(jnp.float32)),
+      dropped_fraction=jnp.mean(~kept, dtype=jnp.float32),  # exactly 0 without drops
       router_entropy=_entropy(probs))
   return routing, stats
 
@@ -148,7 +158,7 @@ def experts_choose(logits, cfg: MoeConfig, capacity: int):
       aux_loss=jnp.zeros((), jnp.float32),   # balanced by construction
       z_loss=_z_loss(logits),
       expert_load=load / load.sum(),
-      dropped_fraction=1.0 - jnp.mean(jnp.any(kept, axis=-1).astype(jnp.float32)),
+      dropped_fraction=jnp.mean(~jnp.any(kept, axis=-1), dtype=jnp.float32),
       router_entropy=_entropy(probs))
   return routing, stats
 

@@ -194,8 +194,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
   """`jax.distributed.initialize`: explicit coordinator flags, or the
   environment's cluster auto-detection (TPU pod slices, Slurm, ...).
 
-  A single process without a cluster environment still initializes (with
-  num_processes=1) so that orbax's preemption check works everywhere."""
+  A single process outside a cluster does not initialize; its preemption
+  signal (SIGTERM) is caught by the train loop's own handler."""
   if coordinator or num_processes or process_id is not None:
     if not (coordinator and num_processes and process_id is not None):
       raise ConfigError(

@@ -7,16 +7,27 @@ train_step(state, batch) with the state donated.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import zlib
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe import sharding
-from moe.config import ModelConfig
+from moe import data, run_config, sharding
+from moe import metrics as metrics_lib
+from moe.checkpoint import Checkpointer, CheckpointError
+from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer, lm_loss
 
 
@@ -31,11 +42,12 @@ class Setup(NamedTuple):
   """Everything the loop needs to run steps on a mesh."""
   mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
+  abstract_state: TrainState                      # ShapeDtypeStructs
   state_shardings: TrainState
   batch_sharding: NamedSharding
   init: Callable[[jax.Array], TrainState]         # key -> sharded TrainState
   train_step: Callable                            # (state, tokens) -> (state, metrics)
-  eval_step: Callable                             # (state, tokens) -> metrics
+  eval_step: Callable                             # (state, tokens, cf=None) -> metrics
   loss_and_grads: Callable                        # (state, tokens) -> (loss, metrics, grads)
 
 
@@ -66,7 +78,7 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     graphdef, state = _new_state(cfg, tx, key)
     return state
 
-  abstract = jax.eval_shape(new, jax.random.key(0))
+  abstract = jax.eval_shape(new, jax.random.key(0))  # also sets graphdef
   rule_table = sharding.rules(fsdp)
   state_shardings = sharding.tree_shardings(abstract, mesh, rule_table)
   batch_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
@@ -90,11 +102,19 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     if 'router' in metrics:
       model.update_balance_bias(metrics['router'])
     _, params, extra = nnx.split(model, nnx.Param, ...)
-    metrics = dict(metrics, total_loss=loss, grad_norm=optax.tree.norm(grads))
-    return TrainState(state.step + 1, params, extra, opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is
+    # skipped (the loop then goes on or stops, as configured).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new, old = (params, extra, opt_state), (state.params, state.extra, state.opt_state)
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = dict(metrics, total_loss=loss, grad_norm=grad_norm,
+                   update_skipped=jnp.logical_not(finite))
+    return TrainState(state.step + 1, *kept), metrics
 
-  def eval_step(state: TrainState, tokens):
-    _, metrics = lm_loss(_merge(graphdef, state), tokens, train=False)
+  def eval_step(state: TrainState, tokens, capacity_factor=None):
+    _, metrics = lm_loss(_merge(graphdef, state), tokens, train=False,
+                         capacity_factor=capacity_factor)
     return metrics
 
   with jax.set_mesh(mesh):
@@ -102,7 +122,7 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
     jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=replicated)
+                       out_shardings=replicated, static_argnums=2)
     jit_grads = jax.jit(loss_and_grads, in_shardings=(state_shardings, batch_sharding),
                         out_shardings=(replicated, replicated, state_shardings.params))
 
@@ -119,6 +139,291 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     call.lower = lower
     return call
 
-  return Setup(mesh, graphdef, state_shardings, batch_sharding,
+  return Setup(mesh, graphdef, abstract, state_shardings, batch_sharding,
                under_mesh(init), under_mesh(jit_train), under_mesh(jit_eval),
                under_mesh(jit_grads))
+
+
+# --- Optimizer -------------------------------------------------------------------
+
+def learning_rate_schedule(opt, num_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine/linear decay to min_lr_ratio."""
+  peak, warmup = opt.learning_rate, opt.warmup_steps
+  end = peak * opt.min_lr_ratio
+  decay_steps = max(num_steps - warmup, 1)
+  if opt.decay == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt.min_lr_ratio)
+  elif opt.decay == 'linear':
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: not on norm scales (or biases; the router
+  bias is not a parameter at all)."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
+  """AdamW (default) or Adafactor, with global-norm clipping."""
+  lr = learning_rate_schedule(opt, num_steps)
+  if opt.name == 'adamw':
+    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                       mask=decay_mask)
+  else:
+    core = optax.adafactor(lr, weight_decay_rate=opt.weight_decay or None,
+                           weight_decay_mask=decay_mask)
+  clip = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
+  return optax.chain(*clip, core)
+
+
+# --- The loop ----------------------------------------------------------------------
+
+def evaluate(s: Setup, state: TrainState, batches, capacity_factor=None) -> dict:
+  """Mean eval metrics over `batches` (per-process rows -> global arrays)."""
+  totals, n = None, 0
+  for local in batches:
+    m = s.eval_step(state, data.global_batch(local, s.batch_sharding), capacity_factor)
+    m = jax.device_get(m)
+    totals = m if totals is None else jax.tree.map(np.add, totals, m)
+    n += 1
+  return jax.tree.map(lambda x: x / n, totals)
+
+
+def _check_workdir(workdir: str) -> None:
+  """Refuses a workdir we cannot write, before anything expensive."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_probe_{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir!r} is not writable ({e.strerror}); '
+                      'choose a directory you can write to.') from e
+
+
+class _Preemption:
+  """SIGTERM -> save at the next step boundary and exit 0.
+
+  With several processes, orbax's `reached_preemption` (JAX's preemption
+  sync point, active after jax.distributed.initialize) makes every process
+  agree on the step; a single process sets a flag from its own handler."""
+
+  def __init__(self, ckpt: Checkpointer):
+    self.ckpt, self.flag, self._previous = ckpt, False, None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def close(self) -> None:
+    """Gives SIGTERM back to whoever handled it before train()."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving at the next step boundary, then exiting.')
+    self.flag = True
+
+  def __call__(self, step: int) -> bool:
+    return self.flag or self.ckpt.reached_preemption(step)
+
+
+def _per_process(obj) -> list:
+  """The JSON-serializable `obj` of every process, in process order. The
+  checkpoint's data item is written by process 0 alone, but every process
+  reads its own shard of the training data, so all iterator states go in."""
+  if jax.process_count() == 1:
+    return [obj]
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(rows[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+def _own_iterator_state(data_state: dict, step: int) -> dict:
+  """This process's data-iterator state from a checkpoint's data item."""
+  states = data_state.get('iterators') or [data_state['iterator']]
+  if len(states) != jax.process_count():
+    raise CheckpointError(
+        f'checkpoint step {step} was written by {len(states)} process(es) and '
+        f'this run has {jax.process_count()}: the training data is sharded by '
+        'process, so its data position cannot be restored exactly. Resume '
+        f'with {len(states)} process(es).')
+  return states[jax.process_index()]
+
+
+def _print(msg: str) -> None:
+  """A progress line on process 0 (absl's INFO log is orbax's chatter)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _scalar_summary(metrics: dict) -> dict:
+  """Host-side train metrics: scalars plus the router summary."""
+  out = {k: float(v) for k, v in metrics.items() if k != 'router'}
+  if 'router' in metrics:
+    out.update(metrics_lib.router_summary(metrics['router']))
+  return out
+
+
+def train(config, workdir: str, *, command: str | None = None) -> dict:
+  """Pretrains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the last logged train metrics and the last eval metrics."""
+  # --- Validate everything before anything expensive -------------------------
+  run = run_config.validate(config, jax.device_count())
+  _check_workdir(workdir)
+  cfg, steps = run.model, config.num_steps
+
+  # --- Input pipeline ------------------------------------------------------------
+  if jax.process_index() == 0:
+    data.prepare(run.data)
+  multihost_utils.sync_global_devices('data prepared')
+  local_batch = config.batch_size // jax.process_count()
+  train_it = data.train_iterator(run.data, seq_len=config.seq_len,
+                                 batch_size=local_batch, seed=config.seed)
+  eval_set = data.eval_batches(run.data, seq_len=config.seq_len,
+                               batch_size=local_batch,
+                               max_batches=config.eval_batches or None)
+  next(iter(eval_set))  # an eval split too small for one batch fails now
+
+  # --- Mesh, model and optimizer -----------------------------------------------
+  mesh = sharding.make_mesh(run.mesh_shape)
+  tx = make_optimizer(config.optimizer, steps)
+  lr = learning_rate_schedule(config.optimizer, steps)
+  s = setup(cfg, tx, mesh, seed=config.seed, fsdp=config.fsdp)
+
+  # --- Restore or initialize ---------------------------------------------------------
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                      max_to_keep=config.max_to_keep)
+  at_most = None if config.restore_step < 0 else config.restore_step
+  if at_most is not None and ckpt.restarted_from(at_most):
+    # This restart already happened (a preempted restart re-runs the same
+    # command): resume from the newest checkpoint instead of rewinding again.
+    _print(f'restore_step={at_most} was already honoured; resuming from the newest step')
+    at_most = None
+  restored = ckpt.restore_latest(s.abstract_state, s.state_shardings,
+                                 fallback=config.restore_fallback, at_most=at_most)
+  if at_most is not None and jax.process_index() == 0:
+    aside = ckpt.set_aside_after(restored[0], at_most)
+    _print(f'restarting from step {restored[0]}: newer checkpoints (if any) '
+           f'moved to {aside}')
+  elif config.restore_fallback and jax.process_index() == 0:
+    # The steps a fall-back skipped as damaged: kept aside, out of the way
+    # of this run's saves of the same steps.
+    aside = ckpt.set_aside_damaged(None if restored is None else restored[0])
+    if aside:
+      _print(f'damaged checkpoints moved to {aside}')
+  multihost_utils.sync_global_devices('checkpoints set aside')
+  ckpt.manager.reload()
+  # Host-side progress that must survive a restart: wall-clock seconds spent
+  # in train steps, and a running CRC of every batch seen (equal CRCs mean
+  # equal data order, e.g. across the MoE and its dense twins).
+  progress = {'train_seconds': 0.0, 'data_crc': 0}
+  if restored is None:
+    step, state = 0, s.init(jax.random.key(config.seed))
+    if config.get('init_from'):  # sparse upcycling from a dense run
+      from moe import upcycle  # pylint: disable=g-import-not-at-top
+      state = upcycle.upcycle_state(config, s, state)
+  else:
+    step, state, data_state = restored
+    train_it.set_state(_own_iterator_state(data_state, step))
+    progress = data_state['progress']
+    _print(f'resumed from step {step} in {workdir}')
+  sharding.check_sharded(state.params, s.state_shardings.params)
+  # skip_batches belongs to the restart from restore_step: it is applied on
+  # top of the checkpoint that restart rewound to, and recorded in the
+  # progress, so a later re-run of the same command that resumes from a newer
+  # checkpoint does not skip again (one that finds no newer one does).
+  restarts = progress.setdefault('restarts', {})
+  if config.restore_step >= 0 and str(config.restore_step) not in restarts:
+    for _ in range(config.skip_batches):
+      next(train_it)
+    restarts[str(config.restore_step)] = config.skip_batches
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, 'command.txt'), 'a') as f:
+      f.write((command or ' '.join(sys.argv)) + '\n')
+
+  def next_batch():
+    local = next(train_it)
+    progress['data_crc'] = zlib.crc32(np.ascontiguousarray(local).tobytes(),
+                                      progress['data_crc'])
+    return data.global_batch(local, s.batch_sharding)
+
+  def save(at_step: int) -> None:
+    ckpt.save(at_step, state, {'iterators': _per_process(train_it.get_state()),
+                               'progress': progress}, config_json)
+
+  # --- Compile: time to first step and peak memory -------------------------------------
+  writer = metrics_lib.MetricWriter(workdir, total_steps=steps,
+                                    progress=config.progress_bar or False)
+  config_json = json.loads(config.to_json_best_effort())
+  t0 = time.perf_counter()
+  tokens = next_batch()
+  compiled_step = s.train_step.lower(state, tokens).compile()
+  compile_seconds = time.perf_counter() - t0
+  peak, source = metrics_lib.peak_flops(config.peak_flops_per_device,
+                                        jnp.dtype(cfg.dtype))
+  throughput = metrics_lib.Throughput(
+      flops_per_token=cfg.flops_per_token(config.seq_len),
+      tokens_per_step=config.batch_size * config.seq_len,
+      peak_flops_per_device=peak, peak_source=source)
+  writer.write(step, {**throughput.info(), 'compile_seconds': compile_seconds,
+                      'peak_memory_mb': metrics_lib.peak_memory_mb(compiled_step),
+                      'num_params': cfg.num_params,
+                      'num_active_params': cfg.num_active_params})
+  preempted = _Preemption(ckpt)
+
+  # --- Train loop ------------------------------------------------------------------------
+  last, last_eval = {}, {}
+  throughput.start(step)
+  try:
+    while step < steps:
+      t_step = time.perf_counter()
+      state, metrics = compiled_step(state, tokens)
+      step += 1
+      scalars = jax.device_get({k: metrics[k] for k in ('loss', 'update_skipped')})
+      progress['train_seconds'] += time.perf_counter() - t_step
+      if scalars['update_skipped']:
+        msg = (f'non-finite loss or gradients at step {step} '
+               f'(loss={float(scalars["loss"])}); the update was not applied')
+        if config.nonfinite == 'stop':
+          raise FloatingPointError(msg + '; stopping (nonfinite=stop). The last '
+                                   'good checkpoint is untouched.')
+        logging.warning('%s; skipping it (nonfinite=skip).', msg)
+      if step == 1 or step % config.log_every == 0 or step == steps:
+        last = _scalar_summary(jax.device_get(metrics))
+        last.update(throughput.measure(step), lr=float(lr(step - 1)),
+                    train_seconds=progress['train_seconds'],
+                    data_crc=progress['data_crc'])
+        writer.write(step, last)
+      if step % config.eval_every == 0 or step == steps:
+        last_eval = _scalar_summary(evaluate(s, state, eval_set))
+        writer.write_eval(step, last_eval)
+        throughput.start(step)
+      if step % config.checkpoint_every == 0 or step == steps:
+        save(step)
+        throughput.start(step)
+      if preempted(step):
+        _print(f'preempted: saving step {step} and exiting.')
+        if step % config.checkpoint_every and step != steps:
+          save(step)
+        break
+      if step < steps:
+        t_data = time.perf_counter()
+        tokens = next_batch()
+        progress['train_seconds'] += time.perf_counter() - t_data
+  finally:
+    preempted.close()
+    writer.close()
+    ckpt.close()
+  return {'train': last, 'eval': last_eval, 'step': step}

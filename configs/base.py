@@ -1,0 +1,100 @@
+"""Defaults shared by every recipe; the recipes override what they change.
+
+Every field is documented here once; `moe.run_config.validate` checks them
+all before anything expensive runs. Not a recipe itself: use switch.py,
+gshard.py, shared_expert.py, expert_choice.py or dense.py.
+"""
+
+import ml_collections
+
+
+def moe_defaults() -> ml_collections.ConfigDict:
+  """The MoE layer (moe.config.MoeConfig fields)."""
+  m = ml_collections.ConfigDict()
+  m.num_experts = 8
+  m.top_k = 1                     # experts per token (tokens_choose)
+  m.expert_dim = 512              # hidden width F of each expert's SwiGLU
+  m.router = 'tokens_choose'      # or 'experts_choose' (not causal: warns)
+  m.priority = 'choice'           # capacity priority: 'choice' (all first choices
+                                  # first, GShard) or 'position' (causal for any k)
+  m.renormalize_gates = False     # divide the top-k gates by their sum
+  m.dispatch = 'gather'           # 'gather' (index-based) or 'einsum' (one-hot)
+  m.group_size = 256              # tokens per routing group (whole sequences)
+  m.train_capacity_factor = 1.25  # C = max(ceil(cf*k*S/E), min_capacity)
+  m.eval_capacity_factor = 2.0
+  m.min_capacity = 4
+  m.jitter_eps = 0.0              # Switch jitter on router inputs (training)
+  m.logit_noise_std = 0.0         # Gaussian noise on router logits (training)
+  m.aux_loss_coef = 0.01          # unit-normalized aux loss (1.0 at uniform)
+  m.z_loss_coef = 1e-3            # ST-MoE router z-loss
+  m.num_shared_experts = 0        # always-active experts of width expert_dim
+  m.balance_bias_rate = 0.0       # DeepSeek-V3 aux-loss-free bias step (0: off)
+  return m
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # init, data order and router noise
+
+  # Model (moe.config.ModelConfig fields).
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 0          # 0: the tokenizer's (bytes: 384)
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.head_dim = 32
+  c.model.mlp_dim = 512           # dense SwiGLU hidden width
+  c.model.max_seq_len = 128
+  c.model.rope_theta = 10_000.0
+  c.model.dtype = 'float32'       # compute dtype: 'float32' or 'bfloat16'
+  c.model.moe_every = 2           # every n-th layer is MoE (1: all)
+  c.moe = moe_defaults()          # None for a dense model
+
+  # Data (moe.data.DataConfig fields).
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'python_stdlib'   # 'text_files', or a TFDS name ('c4/en')
+  c.data.data_dir = ''            # '': TFDS default; may be gs://bucket/tfds
+  c.data.text_files = ''          # glob or directory, for name='text_files'
+  c.data.tokenizer = 'bytes'      # or a SentencePiece .model path
+  c.data.eval_split = 'validation'
+
+  # Batches and schedule.
+  c.batch_size = 16               # global sequences per step
+  c.seq_len = 128
+  c.num_steps = 1000
+  c.restore_step = -1             # -1: resume from the newest checkpoint; N: from step <= N
+  c.skip_batches = 0              # on (re)start, skip this many batches (loss spikes)
+  c.init_from = ''                # dense run's workdir: upcycle a fresh MoE from its checkpoint (moe/upcycle.py)
+
+  # Optimizer.
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'      # or 'adafactor' (large runs)
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.decay = 'cosine'    # 'cosine', 'linear' or 'constant'
+  c.optimizer.min_lr_ratio = 0.1  # final lr / peak lr
+  c.optimizer.weight_decay = 0.1  # not on norms, biases or the router bias
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.grad_clip = 1.0     # global-norm clipping (0: off)
+
+  # Mesh: (data, expert, model); -1 = the rest of the devices.
+  c.mesh = (1, -1, 1)
+  c.fsdp = False                  # shard weights' d_model over `data`
+
+  # Loop.
+  c.log_every = 50
+  c.eval_every = 250
+  c.eval_batches = 8              # validation batches per evaluation (0: all)
+  c.checkpoint_every = 500
+  c.max_to_keep = 3
+  c.nonfinite = 'skip'            # non-finite loss/grads: 'skip' the update or 'stop'
+  c.restore_fallback = False      # damaged latest checkpoint: use the previous one
+  c.peak_flops_per_device = 0.0   # MFU peak; 0: measured by a matmul probe
+  c.progress_bar = True           # tqdm on process 0
+
+  # eval.py: capacity what-if factors ('dropless': no token dropped).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.capacity_factors = (1.0, 1.25, 2.0, 'dropless')
+  c.eval.checkpoint_step = -1     # -1: latest
+  return c

@@ -1,0 +1,163 @@
+"""Checkpoints: an orbax CheckpointManager holding, per step, the train state
+(model + optimizer), the data iterator's state and the resolved config.
+
+Saves are asynchronous; a step directory appears only once its save has
+committed, so a crash mid-save leaves the previous checkpoint as the latest
+(orbax removes the partial temporary directory on the next start). Restores
+always target the current mesh's shardings, so a checkpoint written under one
+mesh restores under another. Errors from orbax are never swallowed.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _path(keys) -> str:
+  """A tree path as 'a/b/0/c', the same for live trees and orbax metadata."""
+  parts = (getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in keys)
+  return '/'.join(str(p) for p in parts)
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored; the message names the step."""
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, max_to_keep: int):
+    self.manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler(),
+                       'config': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=True, cleanup_tmp_directories=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict, config: dict) -> None:
+    """Starts an async save of `state` (a pytree of jax.Arrays) at `step`."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config)), force=True)
+
+  def restore(self, step: int, abstract_state, state_shardings):
+    """(state, data_state) of `step`, laid out by `state_shardings`."""
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, state_shardings)
+    self._check_shapes(step, target)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types; name the step, keep the cause
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.manager.directory} cannot be '
+          f'restored ({type(e).__name__}: {e}); it may be damaged. Set '
+          'restore_fallback=True to fall back to the previous step.') from e
+    return out.state, out.data
+
+  def _check_shapes(self, step: int, target) -> None:
+    """Refuses a checkpoint whose model shapes differ from the config's."""
+    try:
+      saved = self.manager.item_metadata(step).state
+    except Exception:  # unreadable metadata: restore() reports the damage
+      return
+    if saved is None:
+      return
+    want = {_path(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    have = {_path(p): tuple(getattr(x, 'shape', None) or ())
+            for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    bad = [f'{k}: checkpoint {have.get(k)} vs config {v}'
+           for k, v in want.items() if k in have and tuple(have[k]) != tuple(v)]
+    missing = sorted(set(want) - set(have))
+    if bad or missing:
+      detail = '; '.join(bad[:4] + [f'{k} missing' for k in missing[:4]])
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.manager.directory} does not match '
+          f'the model config: {detail}. Use the config it was trained with '
+          f'(saved beside it as config) or a new workdir.')
+
+  def restore_latest(self, abstract_state, state_shardings, *, fallback: bool,
+                     at_most: int | None = None):
+    """(step, state, data_state) of the newest restorable checkpoint (at or
+    before `at_most` if given), or None when there is none.
+
+    A damaged newest step raises, or with `fallback` is skipped (and logged)
+    in favour of the previous one; a shape mismatch always raises."""
+    steps = [s for s in self.all_steps() if at_most is None or s <= at_most]
+    if at_most is not None and not steps:
+      raise CheckpointError(
+          f'restore_step={at_most}: no checkpoint at or before it in '
+          f'{self.manager.directory}; available: {self.all_steps()}.')
+    for step in reversed(steps):
+      try:
+        return (step,) + self.restore(step, abstract_state, state_shardings)
+      except CheckpointError as e:
+        if not fallback or 'does not match the model config' in str(e):
+          raise
+        logging.warning('skipping damaged checkpoint: %s', e)
+    return None
+
+  def set_aside_after(self, step: int, requested: int) -> str:
+    """Moves the step directories newer than `step` into a sibling folder
+    (kept, never deleted) so a run restarted (restore_step=`requested`) from
+    `step` can save again. The folder is made even when empty: it marks the
+    restart as done (`restarted_from`)."""
+    return self._move_aside([s for s in self.all_steps() if s > step],
+                            f'after_{requested}', make_empty=True)
+
+  def set_aside_damaged(self, step: int | None) -> str | None:
+    """Moves the step directories newer than `step` (None: all of them),
+    which a fall-back restore skipped as damaged, into a sibling folder
+    `<directory>.damaged.<time>` (kept, never deleted), so the resumed run
+    can save those steps again. Returns the folder, or None if none moved."""
+    newer = [s for s in self.all_steps() if step is None or s > step]
+    return self._move_aside(newer, 'damaged') if newer else None
+
+  def _move_aside(self, steps, label: str, make_empty: bool = False) -> str:
+    directory = str(self.manager.directory)
+    aside = f'{directory}.{label}.{time.strftime("%Y%m%d-%H%M%S")}'
+    os.makedirs(aside, exist_ok=not make_empty)
+    for s in steps:
+      os.rename(os.path.join(directory, str(s)), os.path.join(aside, str(s)))
+    self.manager.reload()
+    return aside
+
+  def restarted_from(self, requested: int) -> bool:
+    """True once a restart with restore_step=`requested` has happened."""
+    return bool(glob.glob(f'{self.manager.directory}.after_{requested}.*'))
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest committed checkpoint step of a run's workdir, or None."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return None
+  steps = ocp.utils.checkpoint_steps(directory)
+  return max(steps) if steps else None

@@ -1,0 +1,561 @@
+"""Data: TFDS corpora (no TensorFlow) -> tokens -> packed, sharded batches.
+
+Public interface::
+
+  DataConfig(name='python_stdlib', data_dir=None, text_files=None,
+             tokenizer='bytes', text_key='text', train_split='train',
+             eval_split='validation', read_threads=2)      # frozen, validated
+  prepare(cfg) -> tfds DatasetBuilder        # builds our corpora once, reuses
+  get_tokenizer(cfg) -> Tokenizer            # .vocab_size .eos_id .pad_id
+                                             # .encode(text) .decode(ids)
+  vocab_size(cfg) -> int                     # = get_tokenizer(cfg).vocab_size
+  train_iterator(cfg, *, seq_len, batch_size, seed, shard_index=None,
+                 shard_count=None) -> grain.DatasetIterator   # endless
+  eval_batches(cfg, *, seq_len, batch_size, max_batches=None,
+               shard_index=None, shard_count=None) -> Iterable  # finite
+  global_batch(local_batch, sharding, global_shape=None) -> jax.Array
+  unigram_entropy(cfg, *, max_tokens=None) -> float  # nats/token, train split
+  split_stats(cfg, split) -> {'documents', 'bytes', 'tokens'}
+  prepare_command(cfg) -> str                # shell command preparing cfg
+  DatasetNotPreparedError                    # message holds prepare_command
+  python -m moe.data --name NAME --data_dir DIR [--text_files GLOB]
+                                             # prepare + print split stats
+
+Corpora (`DataConfig.name`):
+  * 'python_stdlib' (default): the running interpreter's standard-library
+    `.py` sources, built offline by our TFDS builder (`moe.data_builders`) in
+    about a second; split train/validation by a stable hash of the path.
+  * 'text_files': the files matching `DataConfig.text_files` (a glob, or a
+    directory meaning every non-hidden file below it), one document per file,
+    split the same way. Nothing matching is an error naming the glob.
+  * anything else: a TFDS dataset by name ('c4/en', 'lm1b:1.1.0', ...) already
+    prepared as array_record under `data_dir` (local, or gs:// with gcsfs
+    installed, which moe does not require). A missing,
+    unprepared or tfrecord-prepared dataset raises `DatasetNotPreparedError`
+    whose message holds the `tfds build ... --file_format=array_record` command
+    (run it where TensorFlow is installed: `pip install 'moe[tf]'`).
+  `data_dir` defaults to TFDS's own (`$TFDS_DATA_DIR` or ~/tensorflow_datasets).
+  Our corpora are built into it on first use and reused afterwards. With
+  several processes, prepare once first (process 0, or `python -m moe.data`)
+  so they do not all build at once.
+
+Tokens: bytes by default (ids 0-255 are bytes, EOS=256, PAD=257, vocab_size
+384 = the 258 ids padded to a multiple of 128); or `tokenizer=<path to a
+SentencePiece .model>` (needs `pip install sentencepiece`; vocab padded the
+same way, EOS/PAD appended when the model has none).
+
+Packing: every document is followed by EOS; the token stream is cut into
+consecutive, non-overlapping rows of `seq_len + 1` tokens (the model predicts
+tokens[:, 1:] from tokens[:, :-1], so the pair across a row boundary is not
+trained on). Rows carry no padding.
+
+Training stream: the training documents are sharded by process (document i
+goes to shard i % shard_count; shard defaults: jax.process_index() /
+jax.process_count(), so call after jax.distributed.initialize), shuffled
+per epoch by grain with `seed`, repeated forever, tokenized, packed and
+batched to int32 arrays [batch_size, seq_len + 1] (batch_size is per
+process). The iterator's get_state() / set_state() (JSON-serializable; what
+orbax's grain handler saves) restore it exactly: the batches after restoring
+equal those of an uninterrupted run. The state counts documents of this
+process's shard, so restore with the same shard_count.
+
+Evaluation stream: the eval split in stored order, packed the same way,
+grouped into global batches of batch_size * shard_count rows of which each
+process gets its own batch_size rows, so every process yields the same number
+of batches; the final partial global batch is dropped. Iterating again gives
+the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import re
+import shlex
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from moe import data_builders
+from moe.config import ConfigError
+
+OUR_DATASETS = ('python_stdlib', 'text_files')
+_TFDS_NAME = re.compile(r'^[a-z][a-z0-9_]*(/[A-Za-z0-9_.+-]+)?(:[0-9.*]+)?$')
+VOCAB_MULTIPLE = 128
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A TFDS dataset that is unknown, missing or not prepared as array_record.
+
+  The message holds the command that prepares it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which corpus, where it lives, and how it is tokenized and read."""
+  name: str = 'python_stdlib'       # or 'text_files', or a TFDS name ('c4/en')
+  data_dir: str | None = None       # None: TFDS's default data dir
+  text_files: str | None = None     # glob or directory, for name='text_files'
+  tokenizer: str = 'bytes'          # or a SentencePiece .model path
+  text_key: str = 'text'            # the text feature of TFDS datasets
+  train_split: str = 'train'
+  eval_split: str = 'validation'    # e.g. 'test' for lm1b
+  read_threads: int = 2             # grain reader threads (0: read inline)
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not _TFDS_NAME.match(self.name):
+      raise ConfigError(
+          f'data.name={self.name!r} is not valid; choose one of {OUR_DATASETS}'
+          " or a TFDS dataset name such as 'c4/en' or 'lm1b:1.1.0'.")
+    base = self.name.split('/')[0].split(':')[0]
+    if base in OUR_DATASETS and self.name != base:
+      raise ConfigError(
+          f'data.name={self.name!r}: our builder {base!r} takes no config or '
+          f'version; use data.name={base!r}.')
+    if self.name == 'text_files':
+      if not self.text_files:
+        raise ConfigError(
+            "data.name='text_files' needs data.text_files: a glob such as "
+            "'/data/books/**/*.txt' or a directory.")
+    elif self.text_files is not None:
+      raise ConfigError(
+          f'data.text_files={self.text_files!r} is only used with '
+          f"data.name='text_files', not data.name={self.name!r}.")
+    if not isinstance(self.tokenizer, str) or not (
+        self.tokenizer == 'bytes' or self.tokenizer.endswith('.model')):
+      raise ConfigError(
+          f'data.tokenizer={self.tokenizer!r} is not valid; choose '
+          "'bytes' or the path of a SentencePiece model ('.../spm.model').")
+    for field in ('text_key', 'train_split', 'eval_split'):
+      if not isinstance(getattr(self, field), str) or not getattr(self, field):
+        raise ConfigError(f'data.{field}={getattr(self, field)!r} must be a '
+                          'non-empty string.')
+    if not isinstance(self.read_threads, int) or self.read_threads < 0:
+      raise ConfigError(
+          f'data.read_threads={self.read_threads!r} must be an int >= 0.')
+
+
+# --- Tokenizers --------------------------------------------------------------
+
+def _round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+  return -(-n // multiple) * multiple
+
+
+class ByteTokenizer:
+  """UTF-8 bytes are the tokens 0-255; EOS=256, PAD=257; vocab_size 384."""
+  eos_id = 256
+  pad_id = 257
+  vocab_size = _round_up(258)
+
+  def encode(self, text: bytes | str) -> np.ndarray:
+    if isinstance(text, str):
+      text = text.encode('utf-8')
+    return np.frombuffer(text, np.uint8).astype(np.int32)
+
+  def decode(self, ids) -> bytes:
+    ids = np.asarray(ids)
+    return ids[ids < 256].astype(np.uint8).tobytes()
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model (local or gs:// path); specials added if absent."""
+
+  def __init__(self, path: str):
+    try:
+      import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          f'data.tokenizer={path!r} needs the sentencepiece package, which is '
+          'not a dependency of moe: pip install sentencepiece') from e
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    if not epath.Path(path).exists():
+      raise FileNotFoundError(f'data.tokenizer={path!r}: no such SentencePiece '
+                              "model file (or use tokenizer='bytes').")
+    self._sp = spm.SentencePieceProcessor(
+        model_proto=epath.Path(path).read_bytes())
+    n = self._sp.get_piece_size()
+    self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else n
+    n = max(n, self.eos_id + 1)
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else n
+    self.vocab_size = _round_up(max(n, self.pad_id + 1))
+
+  def encode(self, text: bytes | str) -> np.ndarray:
+    if isinstance(text, bytes):
+      text = text.decode('utf-8', errors='replace')
+    return np.asarray(self._sp.encode(text, out_type=int), np.int32)
+
+  def decode(self, ids) -> str:
+    n = self._sp.get_piece_size()
+    return self._sp.decode([int(i) for i in ids
+                            if i < n and i not in (self.eos_id, self.pad_id)])
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(spec: str) -> Tokenizer:
+  return ByteTokenizer() if spec == 'bytes' else SentencePieceTokenizer(spec)
+
+
+def get_tokenizer(cfg: DataConfig) -> Tokenizer:
+  return _tokenizer(cfg.tokenizer)
+
+
+def vocab_size(cfg: DataConfig) -> int:
+  """The model's vocab_size for this data: tokenizer ids padded to 128."""
+  return get_tokenizer(cfg).vocab_size
+
+
+# --- Sources -----------------------------------------------------------------
+
+def _data_dir(cfg: DataConfig) -> str:
+  d = (str(tfds.core.constants.DATA_DIR) if cfg.data_dir is None
+       else str(cfg.data_dir))
+  if d.startswith('gs://'):
+    # Without TensorFlow, etils.epath reaches gs:// through gcsfs; the
+    # array_record files themselves are opened by array_record's reader.
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if not (importlib.util.find_spec('gcsfs')
+            or importlib.util.find_spec('tensorflow')):
+      raise ImportError(
+          f'data_dir={d!r} is on GCS, which needs the gcsfs package without '
+          'TensorFlow: pip install gcsfs (or mount the bucket with gcsfuse '
+          'and pass the local path).')
+    return d
+  return d if '://' in d else os.path.expanduser(d)
+
+
+def prepare_command(cfg: DataConfig) -> str:
+  """The shell command that prepares `cfg`'s dataset under its data_dir."""
+  data_dir = _data_dir(cfg)
+  if cfg.name in OUR_DATASETS:
+    extra = (f' --text_files={shlex.quote(cfg.text_files)}'
+             if cfg.text_files else '')
+    return (f'python -m moe.data --name={cfg.name}{extra} '
+            f'--data_dir={shlex.quote(data_dir)}')
+  return (f'tfds build {cfg.name} --file_format=array_record '
+          f'--data_dir={shlex.quote(data_dir)}')
+
+
+def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+  """The dataset's TFDS builder, prepared as array_record (ours: built if
+  needed, offline; others: must already be prepared, else the error says
+  how)."""
+  data_dir = _data_dir(cfg)
+  if cfg.name == 'python_stdlib':
+    builder = data_builders.PythonStdlib(
+        config=data_builders.stdlib_config_name(), data_dir=data_dir,
+        file_format='array_record')
+  elif cfg.name == 'text_files':
+    config = data_builders.text_files_config(cfg.text_files)  # empty: raises
+    builder = data_builders.TextFiles(config=config, data_dir=data_dir,
+                                      file_format='array_record')
+  else:
+    return _prepared_tfds_builder(cfg, data_dir)
+  if not builder.is_prepared():
+    builder.download_and_prepare(file_format='array_record')
+  return builder
+
+
+def _prepared_tfds_builder(cfg: DataConfig,
+                           data_dir: str) -> tfds.core.DatasetBuilder:
+  cmd = prepare_command(cfg)
+  how = (f'Prepare it once (where TensorFlow is installed: '
+         f"pip install 'moe[tf]'):\n  {cmd}")
+  try:
+    builder = tfds.builder(cfg.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    base = cfg.name.split('/')[0].split(':')[0]
+    known = list(OUR_DATASETS) + tfds.list_builders(
+        with_community_datasets=False)
+    close = difflib.get_close_matches(base, known, n=3)
+    hint = f' Did you mean {" or ".join(map(repr, close))}?' if close else ''
+    raise DatasetNotPreparedError(
+        f'Unknown or missing dataset data.name={cfg.name!r}: TFDS has no '
+        f'builder of that name importable without TensorFlow, and nothing is '
+        f'prepared for it under data_dir={data_dir!r}.{hint} Ours are '
+        f'{OUR_DATASETS}; the TFDS catalog is at '
+        'https://www.tensorflow.org/datasets/catalog. If the name is right, '
+        + how) from e
+  except ValueError as e:  # e.g. an unknown config or version
+    raise DatasetNotPreparedError(
+        f'data.name={cfg.name!r} cannot be loaded from data_dir={data_dir!r}: '
+        f'{e}\nIf the name is right, {how}') from e
+  if not builder.is_prepared():
+    raise DatasetNotPreparedError(
+        f'Dataset {cfg.name!r} is not prepared under data_dir={data_dir!r} '
+        f'(no {builder.data_dir}/dataset_info.json). {how}')
+  fmt = builder.info.file_format
+  if fmt is None or getattr(fmt, 'value', fmt) != 'array_record':
+    raise DatasetNotPreparedError(
+        f'Dataset {cfg.name!r} under data_dir={data_dir!r} is prepared as '
+        f'{getattr(fmt, "value", fmt)}, but random access without TensorFlow '
+        'needs array_record. Prepare it as array_record into another data_dir '
+        f'(or delete {builder.data_dir}), where TensorFlow is installed: '
+        f'\n  {cmd}')
+  return builder
+
+
+def _source(cfg: DataConfig, split: str):
+  builder = prepare(cfg)
+  if split.split('[')[0] not in builder.info.splits:
+    raise ConfigError(
+        f'Split {split!r} of {cfg.name!r} does not exist; it has '
+        f'{sorted(builder.info.splits)} (set data.train_split / '
+        'data.eval_split).')
+  features = builder.info.features
+  if cfg.text_key not in features:
+    raise ConfigError(
+        f'data.text_key={cfg.text_key!r} is not a feature of {cfg.name!r}; '
+        f'it has {sorted(features)}.')
+  return builder.as_data_source(split)
+
+
+# --- Pipeline ----------------------------------------------------------------
+
+class _Tokenize(grain.transforms.Map):
+  """An example -> its token ids followed by EOS (int32)."""
+
+  def __init__(self, tokenizer: Tokenizer, key: str):
+    self._tok, self._key = tokenizer, key
+
+  def map(self, example):
+    ids = self._tok.encode(example[self._key])
+    out = np.empty(len(ids) + 1, np.int32)
+    out[:-1] = ids
+    out[-1] = self._tok.eos_id
+    return out
+
+
+class _PackIterator(grain.DatasetIterator):
+  """Concatenates documents and cuts the stream into rows of `length`.
+
+  State: the parent's state before the document the next row starts in, and
+  how many of that document's tokens were already emitted."""
+
+  def __init__(self, parent: grain.DatasetIterator, length: int):
+    super().__init__(parent)
+    self._length = length
+    self._doc: np.ndarray | None = None
+    self._pos = 0
+    self._doc_state: dict[str, Any] | None = None
+
+  def __next__(self) -> np.ndarray:
+    out = np.empty(self._length, np.int32)
+    filled = 0
+    while filled < self._length:
+      if self._doc is None or self._pos == len(self._doc):
+        state = self._parent.get_state()
+        doc = next(self._parent)  # StopIteration: a partial row is dropped.
+        self._doc, self._pos, self._doc_state = doc, 0, state
+      take = min(self._length - filled, len(self._doc) - self._pos)
+      out[filled:filled + take] = self._doc[self._pos:self._pos + take]
+      filled += take
+      self._pos += take
+    return out
+
+  def get_state(self) -> dict[str, Any]:
+    if self._doc is not None and self._pos < len(self._doc):
+      return {'parent': copy.deepcopy(self._doc_state), 'offset': self._pos}
+    return {'parent': self._parent.get_state(), 'offset': 0}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state['parent'])
+    self._doc, self._pos, self._doc_state = None, 0, None
+    if state['offset']:
+      self._doc_state = copy.deepcopy(state['parent'])
+      self._doc = next(self._parent)
+      self._pos = int(state['offset'])
+
+
+class _PackIterDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, length: int):
+    super().__init__(parent)
+    self._length = length
+
+  def __iter__(self) -> _PackIterator:
+    return _PackIterator(self._parent.__iter__(), self._length)
+
+  def __str__(self) -> str:
+    return f'PackIterDataset(length={self._length})'
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+      or value < lo or (hi is not None and value > hi)):
+    rng = f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'
+    raise ConfigError(f'{name}={value!r} must be an int {rng}.')
+
+
+def _shards(shard_index: int | None,
+            shard_count: int | None) -> tuple[int, int]:
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  _check_int('shard_count', shard_count, 1)
+  _check_int('shard_index', shard_index, 0, shard_count - 1)
+  return int(shard_index), int(shard_count)
+
+
+def _read_options(cfg: DataConfig) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=cfg.read_threads,
+                           prefetch_buffer_size=64 if cfg.read_threads else 1)
+
+
+def train_iterator(cfg: DataConfig, *, seq_len: int, batch_size: int,
+                   seed: int, shard_index: int | None = None,
+                   shard_count: int | None = None) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of int32 [batch_size, seq_len + 1].
+
+  batch_size is per process; shard_index/shard_count default to
+  jax.process_index()/jax.process_count()."""
+  _check_int('seq_len', seq_len, 1)
+  _check_int('batch_size', batch_size, 1)
+  _check_int('seed', seed, 0, 2**32 - 1)
+  shard_index, shard_count = _shards(shard_index, shard_count)
+  source = _source(cfg, cfg.train_split)
+  if len(source) < shard_count:
+    raise ConfigError(
+        f'{cfg.name!r} split {cfg.train_split!r} has {len(source)} documents, '
+        f'fewer than shard_count={shard_count} processes.')
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  ds = ds.shuffle(seed=int(seed)).repeat()  # a new order every epoch
+  ds = ds.map(_Tokenize(get_tokenizer(cfg), cfg.text_key))
+  it = _PackIterDataset(ds.to_iter_dataset(_read_options(cfg)), seq_len + 1)
+  return iter(it.batch(batch_size, drop_remainder=True))
+
+
+class _EvalBatches(Iterable[np.ndarray]):
+  """Re-iterable: each pass yields the same finite sequence of batches."""
+
+  def __init__(self, cfg, source, seq_len, batch_size, max_batches,
+               shard_index, shard_count):
+    self._cfg, self._source = cfg, source
+    self._seq_len, self._batch_size = seq_len, batch_size
+    self._max_batches = max_batches
+    self._shard_index, self._shard_count = shard_index, shard_count
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    ds = grain.MapDataset.source(self._source).map(
+        _Tokenize(get_tokenizer(self._cfg), self._cfg.text_key))
+    rows = _PackIterDataset(ds.to_iter_dataset(_read_options(self._cfg)),
+                            self._seq_len + 1)
+    per_global = self._batch_size * self._shard_count
+    lo = self._shard_index * self._batch_size
+    buf, count, seen = [], 0, 0
+    for row in rows:
+      seen += 1
+      buf.append(row)
+      if len(buf) == per_global:
+        yield np.stack(buf[lo:lo + self._batch_size])
+        buf, count = [], count + 1
+        if self._max_batches is not None and count >= self._max_batches:
+          return
+    if count == 0:
+      raise ValueError(
+          f'{self._cfg.name!r} split {self._cfg.eval_split!r} packs into only '
+          f'{seen} rows of seq_len+1={self._seq_len + 1} tokens, fewer than '
+          f'one global eval batch ({self._batch_size} x {self._shard_count} '
+          'processes): use a smaller eval batch or seq_len.')
+
+
+def eval_batches(cfg: DataConfig, *, seq_len: int, batch_size: int,
+                 max_batches: int | None = None,
+                 shard_index: int | None = None,
+                 shard_count: int | None = None) -> Iterable[np.ndarray]:
+  """The eval split as a finite, re-iterable sequence of int32
+  [batch_size, seq_len + 1] batches (batch_size per process; every process
+  gets the same number of batches)."""
+  _check_int('seq_len', seq_len, 1)
+  _check_int('batch_size', batch_size, 1)
+  if max_batches is not None:
+    _check_int('max_batches', max_batches, 1)
+  shard_index, shard_count = _shards(shard_index, shard_count)
+  source = _source(cfg, cfg.eval_split)
+  return _EvalBatches(cfg, source, seq_len, batch_size, max_batches,
+                      shard_index, shard_count)
+
+
+def global_batch(local_batch: np.ndarray, sharding: jax.sharding.Sharding,
+                 global_shape: tuple[int, ...] | None = None) -> jax.Array:
+  """This process's rows -> the global batch, laid out by `sharding` (e.g.
+  NamedSharding(mesh, P(('data', 'expert')))). The global shape defaults to
+  the local one with the batch dimension times the processes it spans."""
+  return jax.make_array_from_process_local_data(
+      sharding, np.asarray(local_batch), global_shape)
+
+
+# --- Statistics --------------------------------------------------------------
+
+def _iter_token_docs(cfg: DataConfig, split: str):
+  source = _source(cfg, split)
+  tok = get_tokenizer(cfg)
+  for i in range(len(source)):
+    text = source[i][cfg.text_key]
+    yield text, tok.encode(text)
+
+
+def unigram_entropy(cfg: DataConfig, *, max_tokens: int | None = None) -> float:
+  """Entropy (nats/token) of the training split's unigram distribution, EOS
+  included: the loss of the best model that ignores context. Counts the
+  documents in stored order until `max_tokens` (None: all)."""
+  tok = get_tokenizer(cfg)
+  counts = np.zeros(tok.vocab_size, np.int64)
+  total = 0
+  for _, ids in _iter_token_docs(cfg, cfg.train_split):
+    counts += np.bincount(ids, minlength=tok.vocab_size)
+    counts[tok.eos_id] += 1
+    total += len(ids) + 1
+    if max_tokens is not None and total >= max_tokens:
+      break
+  p = counts[counts > 0] / total
+  return float(-(p * np.log(p)).sum())
+
+
+def split_stats(cfg: DataConfig, split: str) -> dict[str, int]:
+  """Documents, bytes of text and tokens (EOS included) of a split."""
+  docs = nbytes = tokens = 0
+  for text, ids in _iter_token_docs(cfg, split):
+    docs += 1
+    nbytes += len(text)
+    tokens += len(ids) + 1
+  return {'documents': docs, 'bytes': nbytes, 'tokens': tokens}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog='python -m moe.data',
+      description='Prepare a corpus as array_record and print its statistics.')
+  parser.add_argument('--name', default='python_stdlib')
+  parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--text_files', default=None)
+  parser.add_argument('--tokenizer', default='bytes')
+  args = parser.parse_args(argv)
+  cfg = DataConfig(name=args.name, data_dir=args.data_dir,
+                   text_files=args.text_files, tokenizer=args.tokenizer)
+  start = time.perf_counter()
+  builder = prepare(cfg)
+  print(f'{cfg.name}: prepared at {builder.data_dir} '
+        f'in {time.perf_counter() - start:.1f}s')
+  for split in (cfg.train_split, cfg.eval_split):
+    if split in builder.info.splits:
+      print(f'  {split}: {split_stats(cfg, split)}')
+  print(f'  vocab_size: {vocab_size(cfg)}')
+  h = unigram_entropy(cfg)
+  print(f'  unigram entropy (train): {h:.4f} nats/token '
+        f'({h / math.log(2):.3f} bits)')
+
+
+if __name__ == '__main__':
+  main()

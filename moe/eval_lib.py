@@ -1,0 +1,88 @@
+"""Evaluates a checkpoint under the current mesh: loss, perplexity, bits per
+byte, per-layer expert load, and a capacity what-if.
+
+The what-if evaluates the same validation batches once per factor in
+`eval.capacity_factors` ('dropless': room for every token), so the dropped
+fraction and the loss can be read side by side; the model's own
+`eval_capacity_factor` row is what training-time evals report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+from moe import data, run_config, sharding
+from moe import metrics as metrics_lib
+from moe.checkpoint import Checkpointer, CheckpointError
+from moe.train_lib import evaluate, make_optimizer, setup
+
+
+def run_eval(config, workdir: str) -> dict:
+  """Restores `workdir`'s checkpoint, evaluates, writes workdir/eval.json."""
+  run = run_config.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(run.mesh_shape)
+  s = setup(run.model, make_optimizer(config.optimizer, config.num_steps), mesh,
+            seed=config.seed, fsdp=config.fsdp)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                      max_to_keep=config.max_to_keep)
+  try:
+    steps = ckpt.all_steps()
+    step = steps[-1] if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+    if step not in steps:
+      raise CheckpointError(
+          f'no checkpoint at step {step} in {workdir}/checkpoints; available '
+          f'steps: {steps or "none (train first)"}.')
+    state, _ = ckpt.restore(step, s.abstract_state, s.state_shardings)
+  finally:
+    ckpt.close()
+
+  local_batch = config.batch_size // jax.process_count()
+  batches = data.eval_batches(run.data, seq_len=config.seq_len,
+                              batch_size=local_batch,
+                              max_batches=config.eval_batches or None)
+  stats = data.split_stats(run.data, run.data.eval_split)
+  tokens_per_byte = stats['tokens'] / max(stats['bytes'], 1)
+
+  def summary(m):
+    out = {k: float(v) for k, v in m.items() if k != 'router'}
+    if 'router' in m:
+      out.update(metrics_lib.router_summary(m['router']))
+    return out
+
+  result = summary(evaluate(s, state, batches))
+  loss = result['loss']
+  result.update(step=step, perplexity=math.exp(min(loss, 700.0)),
+                bits_per_byte=loss / math.log(2) * tokens_per_byte)
+  if run.model.is_moe:
+    result['capacity_what_if'] = [
+        {'capacity_factor': cf,
+         **{k: v for k, v in summary(evaluate(s, state, batches, cf)).items()
+            if k in ('loss', 'dropped_fraction', 'per_layer/dropped_fraction')}}
+        for cf in config.eval.capacity_factors]
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def format_table(result: dict) -> str:
+  """The printed eval summary (markdown)."""
+  lines = [f"eval at step {result['step']}", '',
+           '| metric | value |', '|---|---|']
+  for key in ('loss', 'perplexity', 'bits_per_byte', 'dropped_fraction',
+              'load_max_over_mean', 'router_entropy', 'dead_experts'):
+    if key in result:
+      lines.append(f'| {key} | {result[key]:.4f} |')
+  for layer, load in enumerate(result.get('expert_load', [])):
+    lines.append(f'| expert_load layer {layer} | '
+                 + ' '.join(f'{x:.3f}' for x in load) + ' |')
+  if 'capacity_what_if' in result:
+    lines += ['', '| capacity factor | dropped fraction | loss |', '|---|---|---|']
+    for row in result['capacity_what_if']:
+      lines.append(f"| {row['capacity_factor']} | {row['dropped_fraction']:.4f} "
+                   f"| {row['loss']:.4f} |")
+  return '\n'.join(lines)

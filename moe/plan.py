@@ -1,0 +1,303 @@
+"""Pre-flight planner: what a config costs on a target mesh, before launch.
+
+  python scripts/plan.py --config configs/switch.py:1b --mesh=4,8,1
+
+Everything is computed from shapes and shardings, without devices: the mesh
+may be larger than the machine (a 32-device plan on a laptop). Per device:
+
+  * parameters and optimizer state: every array of the abstract train state
+    (`jax.eval_shape`, no memory) split by the ONE rules table
+    (`moe.sharding.rules`) over the mesh axis sizes; XLA pads a dimension
+    that does not divide, so shard sizes round up.
+  * gradients: the parameters' size (float32, same sharding).
+  * activations: the residuals JAX saves for the backward pass of one train
+    step, read from the jaxpr of `jax.vjp` of the loss (`jax.make_jaxpr`: no
+    compilation) for the per-device slice of the model: the local batch
+    (batch / (data x expert) sequences), heads, MLP/expert widths and
+    vocabulary divided by the `model` axis. Only residuals that grow with the
+    batch count (the jaxpr is traced at b and 2b sequences; the difference is
+    the activation memory of b sequences), so transposed or cast weights are
+    not counted twice. Plus the loss's working set at the start of the
+    backward pass: the logits, their softmax and their gradient, 3 x
+    [b, T, V/model] float32.
+  * the batch (int32 tokens).
+  * total = parameters + optimizer state + gradients + activations + batch,
+    the high-water mark of one step if nothing is freed early. Compared in
+    tests/test_plan.py with XLA's own figure for the compiled train step of
+    `moe.train_lib.setup` (`memory_analysis()`: arguments + outputs -
+    donated aliases + temporaries, what `moe.metrics.peak_memory_mb`
+    reports on CPU), within 20%.
+
+  Not modelled: FSDP's all-gathered weights (fsdp=True), XLA's own padding
+  and fusion choices, and framework/runtime overhead.
+
+All-to-all per MoE layer: a device holds expert buffers of [G_local, E, C, D]
+(G_local = its routing groups, C = the training capacity) in the compute
+dtype; one all-to-all over the `expert` axis sends (ep-1)/ep of it away. A
+train step does four (dispatch and combine forward, their transposes
+backward), the same volume whether `gather` does it explicitly
+(`jax.shard_map`) or `einsum` lets XLA insert it. With expert axis 1 there is
+none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe import run_config, sharding
+from moe.config import ModelConfig
+from moe.model import Transformer, lm_loss
+
+F32 = 4
+
+
+@dataclasses.dataclass
+class MoeLayerPlan:
+  layer: int
+  num_experts: int
+  experts_per_device: int
+  capacity: int                        # C per routing group (training)
+  buffer_shape: tuple[int, int, int, int]  # per device [G_local, E, C, D]
+  buffer_bytes: int
+  all_to_all_bytes_per_step: int       # sent by one device, forward + backward
+
+
+@dataclasses.dataclass
+class Plan:
+  mesh_shape: tuple[int, int, int]
+  num_devices: int
+  num_params: int
+  num_active_params: int
+  flops_per_token: float
+  tokens_per_step: int
+  local_batch: int                      # sequences per device (data x expert shards)
+  param_bytes: int                      # per device
+  optimizer_bytes: int
+  gradient_bytes: int
+  activation_bytes: int
+  batch_bytes: int
+  moe_layers: list[MoeLayerPlan]
+
+  @property
+  def total_bytes(self) -> int:
+    return (self.param_bytes + self.optimizer_bytes + self.gradient_bytes
+            + self.activation_bytes + self.batch_bytes)
+
+  @property
+  def flops_per_device_per_step(self) -> float:
+    return self.flops_per_token * self.tokens_per_step / self.num_devices
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d['total_bytes'] = self.total_bytes
+    d['flops_per_device_per_step'] = self.flops_per_device_per_step
+    return d
+
+
+# --- Sharded sizes of the train state -----------------------------------------------
+
+def _axis_size(entry, sizes: dict) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(sizes[n] for n in names)
+
+
+def shard_bytes(shape, dtype, axes, sizes: dict, rule_table) -> int:
+  """Bytes of one device's shard of an array with logical `axes`."""
+  if axes and len(axes) == len(shape):
+    spec = sharding.spec(axes, rule_table)
+    shape = [math.ceil(n / _axis_size(e, sizes)) for n, e in zip(shape, spec)]
+  # Rank differs (e.g. Adafactor's factored moments): counted replicated.
+  return int(math.prod(shape)) * jnp.dtype(dtype).itemsize
+
+
+def tree_bytes(tree, sizes: dict, rule_table) -> int:
+  """Per-device bytes of an abstract tree of nnx Variables / arrays."""
+  total = 0
+  for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+    if isinstance(x, nnx.Variable):
+      axes = x.get_metadata().get('logical_axes')
+      value = x.get_value()
+    else:
+      axes, value = None, x
+    total += shard_bytes(value.shape, value.dtype, axes, sizes, rule_table)
+  return total
+
+
+def abstract_state(cfg: ModelConfig, tx):
+  """(params, extra, opt_state) as ShapeDtypeStructs in nnx Variables."""
+  def new(key):
+    _, params, extra = nnx.split(Transformer(cfg, key), nnx.Param, ...)
+    return params, extra, tx.init(params)
+  return jax.eval_shape(new, jax.random.key(0))
+
+
+# --- Activations -------------------------------------------------------------------------
+
+def local_model(cfg: ModelConfig, model_axis: int) -> ModelConfig:
+  """The slice of the model one device computes: heads, MLP and expert
+  widths and the vocabulary divided by the `model` axis."""
+  def div(n):
+    return max(1, math.ceil(n / model_axis))
+  moe = cfg.moe and dataclasses.replace(cfg.moe, expert_dim=div(cfg.moe.expert_dim))
+  return dataclasses.replace(cfg, num_heads=div(cfg.num_heads), mlp_dim=div(cfg.mlp_dim),
+                             vocab_size=div(cfg.vocab_size), moe=moe)
+
+
+def residual_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
+  """Bytes of the residuals `jax.vjp` saves for the backward pass of the
+  training loss of `batch` sequences (the inputs themselves not counted)."""
+  graphdef, params, extra = jax.eval_shape(
+      lambda k: nnx.split(Transformer(cfg, k), nnx.Param, ...), jax.random.key(0))
+
+  def vjp(params, extra, tokens):
+    def loss(p):
+      model = nnx.merge(graphdef, p, extra)
+      return lm_loss(model, tokens, train=True, rng=jax.random.key(0))[0]
+    return jax.vjp(loss, params)[1]
+
+  tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+  closed, out = jax.make_jaxpr(vjp, return_shape=True)(params, extra, tokens)
+  jaxpr = closed.jaxpr
+  residuals = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(out)):]
+  inputs = {id(v) for v in jaxpr.invars} | {id(v) for v in jaxpr.constvars}
+  seen = {id(v): v for v in residuals
+          if hasattr(v, 'aval') and not hasattr(v, 'val') and id(v) not in inputs}
+  return sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
+             for v in seen.values())
+
+
+def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int,
+                     model_axis: int) -> int:
+  """Per-device activation memory of one train step (module docstring)."""
+  local = local_model(cfg, model_axis)
+  per_batch = (residual_bytes(local, 2 * local_batch, seq_len)
+               - residual_bytes(local, local_batch, seq_len))
+  loss_working_set = 3 * local_batch * seq_len * local.vocab_size * F32
+  return per_batch + loss_working_set
+
+
+# --- The plan ---------------------------------------------------------------------------
+
+def _moe_layers(cfg: ModelConfig, mesh_shape, global_batch: int,
+                seq_len: int) -> list[MoeLayerPlan]:
+  if cfg.moe is None:
+    return []
+  data, expert, _ = mesh_shape
+  m = cfg.moe
+  spg = min(max(m.group_size // seq_len, 1), global_batch)
+  groups = global_batch // spg
+  group_tokens = spg * seq_len
+  g_local = math.ceil(groups / (data * expert))
+  c = m.capacity(group_tokens, train=True)
+  shape = (g_local, m.num_experts, c, cfg.d_model)
+  buf = int(math.prod(shape)) * jnp.dtype(cfg.dtype).itemsize
+  a2a = 4 * buf * (expert - 1) // expert
+  return [MoeLayerPlan(i, m.num_experts, math.ceil(m.num_experts / expert), c,
+                       shape, buf, a2a)
+          for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+
+
+def make_plan(config, num_devices: int | None = None) -> Plan:
+  """The plan of run config `config` on its mesh (`config.mesh`, with -1
+  resolved against `num_devices`, default: the mesh's own product)."""
+  from moe import train_lib  # pylint: disable=g-import-not-at-top
+  if num_devices is None:
+    num_devices = math.prod(int(s) for s in config.mesh)
+    if num_devices < 0:
+      raise ValueError(f'mesh {tuple(config.mesh)} has a -1: give num_devices.')
+  run = run_config.validate(config, num_devices)
+  cfg, mesh_shape = run.model, run.mesh_shape
+  sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
+  rule_table = sharding.rules(config.fsdp)
+  tx = train_lib.make_optimizer(config.optimizer, config.num_steps)
+  params, extra, opt_state = abstract_state(cfg, tx)
+  param_bytes = tree_bytes(params, sizes, rule_table)
+  batch_shards = mesh_shape[0] * mesh_shape[1]
+  local_batch = config.batch_size // batch_shards
+  return Plan(
+      mesh_shape=mesh_shape, num_devices=math.prod(mesh_shape),
+      num_params=cfg.num_params, num_active_params=cfg.num_active_params,
+      flops_per_token=cfg.flops_per_token(config.seq_len),
+      tokens_per_step=config.batch_size * config.seq_len,
+      local_batch=local_batch,
+      param_bytes=param_bytes,
+      optimizer_bytes=(tree_bytes(opt_state, sizes, rule_table)
+                       + tree_bytes(extra, sizes, rule_table)),
+      gradient_bytes=param_bytes,
+      activation_bytes=activation_bytes(cfg, local_batch, config.seq_len,
+                                        mesh_shape[2]),
+      batch_bytes=local_batch * (config.seq_len + 1) * 4,
+      moe_layers=_moe_layers(cfg, mesh_shape, config.batch_size, config.seq_len))
+
+
+def _bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if abs(n) < 1024 or unit == 'TiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.2f} {unit}'
+    n /= 1024
+
+
+def _count(n: float) -> str:
+  for unit, div in (('T', 1e12), ('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if n >= div:
+      return f'{n / div:.3f}{unit}'
+  return f'{n:.0f}'
+
+
+def format_plan(p: Plan) -> str:
+  data, expert, model = p.mesh_shape
+  lines = [
+      f'mesh (data={data}, expert={expert}, model={model}): {p.num_devices} devices, '
+      f'{p.local_batch} sequences per device',
+      f'parameters: {_count(p.num_params)} total, {_count(p.num_active_params)} '
+      f'active per token',
+      f'training FLOPs per token: {_count(p.flops_per_token)} '
+      f'({_count(p.flops_per_device_per_step)} per device per step of '
+      f'{p.tokens_per_step} tokens)',
+      '',
+      'memory per device:',
+      f'  parameters        {_bytes(p.param_bytes)}',
+      f'  optimizer state   {_bytes(p.optimizer_bytes)}',
+      f'  gradients         {_bytes(p.gradient_bytes)}',
+      f'  activations       {_bytes(p.activation_bytes)}',
+      f'  batch             {_bytes(p.batch_bytes)}',
+      f'  total             {_bytes(p.total_bytes)}',
+  ]
+  if p.moe_layers:
+    lines += ['', 'all-to-all per MoE layer (per device, per step: 4 x (ep-1)/ep '
+              'of the expert buffer):']
+    for l in p.moe_layers:
+      lines.append(
+          f'  layer {l.layer}: {l.num_experts} experts ({l.experts_per_device} per '
+          f'device), capacity {l.capacity}, buffer {list(l.buffer_shape)} = '
+          f'{_bytes(l.buffer_bytes)}, all-to-all {_bytes(l.all_to_all_bytes_per_step)}')
+    total = sum(l.all_to_all_bytes_per_step for l in p.moe_layers)
+    lines.append(f'  all MoE layers: {_bytes(total)} per device per step'
+                 + (' (expert axis 1: no all-to-all)' if expert == 1 else ''))
+  return '\n'.join(lines)
+
+
+def compiled_bytes(config) -> dict:
+  """XLA's memory analysis of the jitted train step of `config` on the
+  local devices (compiles; the mesh must fit this machine)."""
+  from moe import train_lib  # pylint: disable=g-import-not-at-top
+  run = run_config.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(run.mesh_shape)
+  s = train_lib.setup(run.model, train_lib.make_optimizer(config.optimizer,
+                                                          config.num_steps),
+                      mesh, seed=config.seed, fsdp=config.fsdp)
+  tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
+                                sharding=s.batch_sharding)
+  m = s.train_step.lower(s.abstract_state, tokens).compile().memory_analysis()
+  out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes,
+         'alias': m.alias_size_in_bytes, 'temp': m.temp_size_in_bytes}
+  out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  return out

@@ -1,0 +1,176 @@
+"""Benchmarks: MoE overhead, throughput against the dense twin, expert-count
+scaling, MFU, compile time and memory. One process, variants interleaved,
+compile time excluded from step times, medians over --steps timed steps.
+
+  python scripts/bench.py --out bench.json            # default CPU Switch config
+  python scripts/bench.py --config configs/switch.py:cpu --steps 20 --out b.json
+
+Every timed function is the library's own (the MoE layer, the jitted train
+step of moe.train_lib.setup): no benchmark-only code path.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(ROOT, 'configs', 'switch.py:cpu'),
+    'The MoE config to measure.', lock_config=True)
+_OUT = flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant (median).')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds per variant.')
+
+
+def _median_times(fns: dict, steps: int, rounds: int) -> dict:
+  """Median seconds per call of each fn, variants interleaved round-robin."""
+  import numpy as np
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      for _ in range(max(steps // rounds, 1)):
+        t = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def _layer_fns(model_cfg, batch: int, seq_len: int):
+  """fwd+bwd of the MoE FFN per dispatch path and of the dense-active SwiGLU."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from moe.layers import Mlp
+  from moe.moe_layer import MoeFeedForward
+
+  m = model_cfg.moe
+  x = jax.random.normal(jax.random.key(1), (batch, seq_len, model_cfg.d_model))
+
+  def timed(module, call):
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def loss(params, x):
+      return jnp.sum(call(nnx.merge(graphdef, params, rest), x) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(step(params, x))      # compile, not timed
+    return lambda: jax.block_until_ready(step(params, x))
+
+  fns = {}
+  for dispatch in ('einsum', 'gather'):
+    cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(
+        m, dispatch=dispatch, train_capacity_factor=1.25))
+    layer = MoeFeedForward(cfg, jax.random.key(0))
+    fns[dispatch] = timed(layer, lambda mod, x: mod(x, train=True)[0])
+  dense = Mlp(model_cfg.d_model, m.top_k * m.expert_dim, model_cfg.dtype,
+              jax.random.key(0))
+  fns['dense_active'] = timed(dense, lambda mod, x: mod(x))
+  return fns
+
+
+def _step_fn(config, model_cfg):
+  """(call, compile+first-step seconds, compiled) of the real train step."""
+  import jax
+  import numpy as np
+  from moe import sharding, train_lib
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  s = train_lib.setup(model_cfg, train_lib.make_optimizer(config.optimizer, 1000),
+                      mesh, seed=0)
+  tokens = np.random.default_rng(0).integers(
+      0, model_cfg.vocab_size, (config.batch_size, config.seq_len + 1), dtype=np.int32)
+  t = time.perf_counter()
+  state = s.init(jax.random.key(0))
+  tokens = jax.device_put(tokens, s.batch_sharding)
+  compiled = s.train_step.lower(state, tokens).compile()
+  box = {'state': compiled(state, tokens)[0]}
+  jax.block_until_ready(box['state'])
+  first = time.perf_counter() - t
+
+  def call():
+    box['state'], metrics = compiled(box['state'], tokens)
+    jax.block_until_ready(metrics['loss'])
+
+  return call, first, compiled
+
+
+def main(argv):
+  del argv
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from moe import metrics, run_config
+
+  config = _CONFIG.value
+  with config.unlocked():
+    config.model.vocab_size = config.model.vocab_size or 384
+  moe_cfg = run_config.model_config(config)
+  dense_cfg = moe_cfg.dense_twin_total()
+  steps, rounds = _STEPS.value, _ROUNDS.value
+
+  peak = metrics.measure_matmul_peak(jnp.dtype(moe_cfg.dtype))
+
+  # Layer overhead: MoE FFN / dense SwiGLU of hidden k*F, fwd+bwd, cf 1.25.
+  layer = _median_times(_layer_fns(moe_cfg, config.batch_size, config.seq_len),
+                        steps, rounds)
+  overhead = {d: layer[d] / layer['dense_active'] for d in ('einsum', 'gather')}
+
+  # Model throughput, expert scaling and MFU on the real train step.
+  e8 = dataclasses.replace(moe_cfg, moe=dataclasses.replace(moe_cfg.moe, num_experts=8))
+  e64 = dataclasses.replace(moe_cfg, moe=dataclasses.replace(moe_cfg.moe, num_experts=64))
+  variants = {'moe': moe_cfg, 'dense_total': dense_cfg, 'e8': e8, 'e64': e64}
+  built = {name: _step_fn(config, cfg) for name, cfg in variants.items()}
+  step = _median_times({n: b[0] for n, b in built.items()}, steps, rounds)
+  tokens = config.batch_size * config.seq_len
+  flops = {n: variants[n].flops_per_token(config.seq_len) * tokens / step[n]
+           for n in variants}
+
+  result = {
+      'device': jax.devices()[0].device_kind,
+      'config': f'{moe_cfg.num_params:,} params, E={moe_cfg.moe.num_experts}, '
+                f'k={moe_cfg.moe.top_k}, d={moe_cfg.d_model}, F={moe_cfg.moe.expert_dim}',
+      'layer_overhead': overhead,
+      'layer_seconds': layer,
+      'throughput_ratio_vs_dense_total': step['dense_total'] / step['moe'],
+      'analytic_flop_ratio': (dense_cfg.flops_per_token(config.seq_len)
+                              / moe_cfg.flops_per_token(config.seq_len)),
+      'expert_scaling_64_over_8': step['e64'] / step['e8'],
+      'matmul_peak_gflops': peak / 1e9,
+      'mfu_dense': flops['dense_total'] / peak,
+      'mfu_moe': flops['moe'] / peak,
+      'step_seconds': step,
+      'time_to_first_step_s': built['moe'][1],
+      'peak_memory_mb': metrics.peak_memory_mb(built['moe'][2]),
+  }
+  result['mfu_moe_over_dense'] = result['mfu_moe'] / result['mfu_dense']
+  result['throughput_over_analytic'] = (result['throughput_ratio_vs_dense_total']
+                                        / result['analytic_flop_ratio'])
+  rows = [
+      ('MoE layer / dense-active layer, gather (cf 1.25)', overhead['gather'], '<= 1.25'),
+      ('MoE layer / dense-active layer, einsum (cf 1.25)', overhead['einsum'], '(reference)'),
+      ('MoE tokens/s / matched-total dense tokens/s', result['throughput_ratio_vs_dense_total'],
+       f">= {0.8 * result['analytic_flop_ratio']:.2f} (0.8 x analytic {result['analytic_flop_ratio']:.2f})"),
+      ('step time 64 experts / 8 experts', result['expert_scaling_64_over_8'], '<= 1.15'),
+      ('dense MFU vs measured matmul peak', result['mfu_dense'], '>= 0.50'),
+      ('MoE MFU / dense MFU', result['mfu_moe_over_dense'], '>= 0.85'),
+      ('time to first step (s)', result['time_to_first_step_s'], '<= 30'),
+      ('peak memory (MiB)', result['peak_memory_mb'], ''),
+      ('matmul peak (GFLOP/s)', result['matmul_peak_gflops'], ''),
+  ]
+  print(f"\n{result['device']}: {result['config']}\n")
+  print('| figure | measured | target |\n|---|---|---|')
+  for name, value, target in rows:
+    print(f'| {name} | {value:.3f} | {target} |')
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

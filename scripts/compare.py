@@ -1,0 +1,53 @@
+"""The main job: an MoE and its two dense twins on the same data, one report.
+
+  python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
+
+Trains, one after another, the MoE of --config and its dense twins with
+matched total parameters and matched active FLOPs per token (same seed, data
+order, optimizer and token budget), then writes workdir/report.md and its
+plots. Re-running resumes unfinished runs and skips finished ones;
+--report_only rebuilds the report from the runs' metrics.jsonl.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(ROOT, 'configs', 'switch.py:cpu'),
+    'The MoE config and variant.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Runs and report go here.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False,
+                                 'Only rebuild the report from existing runs.')
+
+
+def main(argv):
+  del argv
+  from moe import checkpoint, report, run_config, train_lib
+  runs = run_config.dense_twins(_CONFIG.value)
+  if not _REPORT_ONLY.value:
+    for config in runs.values():  # refuse any bad config before training one
+      run_config.validate(config, _num_devices())
+    for name, config in runs.items():
+      workdir = os.path.join(_WORKDIR.value, name)
+      done = checkpoint.latest_step(workdir)
+      if done is not None and done >= config.num_steps:
+        print(f'{name}: finished ({done} steps), skipping')
+        continue
+      print(f'{name}: training to step {config.num_steps} in {workdir}')
+      train_lib.train(config, workdir, command=' '.join(sys.argv))
+  print('report:', report.write_report(_WORKDIR.value))
+
+
+def _num_devices():
+  import jax
+  return jax.device_count()
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,175 @@
+"""Sparse upcycling (moe/upcycle.py): an MoE started from a dense checkpoint
+with --config.init_from has the dense model's loss at step 0 (ample capacity,
+renormalized gates), every expert a copy of the dense MLP, the router at zero;
+bad sources are refused before anything runs."""
+
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import dense as dense_recipe  # noqa: E402
+from configs import switch as switch_recipe  # noqa: E402
+from moe import data, run_config, sharding, train_lib, upcycle  # noqa: E402
+from moe.config import ConfigError  # noqa: E402
+
+
+def _tiny(c, data_dir, *, steps):
+  c.model.d_model = 32
+  c.model.num_heads = 2
+  c.model.head_dim = 16
+  c.model.mlp_dim = 64
+  c.model.num_layers = 2
+  c.model.max_seq_len = c.seq_len = 32
+  c.batch_size = 8
+  c.num_steps = steps
+  c.log_every = 1
+  c.eval_every = steps
+  c.eval_batches = 1
+  c.checkpoint_every = steps
+  c.progress_bar = False
+  c.peak_flops_per_device = 1e12
+  c.optimizer.warmup_steps = 0
+  c.data.data_dir = data_dir
+  return c
+
+
+def _moe_config(data_dir, init_from, **moe):
+  """Layer 1 of 2 is MoE: E=4, top-2 with renormalized gates, capacity
+  factor E/k = 2 (every expert can hold the whole group: nothing drops even
+  though a zero router sends every token to experts 0 and 1)."""
+  c = _tiny(switch_recipe.get_config('cpu'), data_dir, steps=1)
+  c.moe.num_experts = 4
+  c.moe.top_k = 2
+  c.moe.renormalize_gates = True
+  c.moe.expert_dim = 64
+  c.moe.group_size = 32
+  c.moe.train_capacity_factor = 2.0
+  c.moe.eval_capacity_factor = 2.0
+  for k, v in moe.items():
+    c.moe[k] = v
+  c.mesh = (1, 4, 2)          # another mesh than the dense run's (8, 1, 1)
+  c.init_from = init_from
+  return c
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('tfds'))
+  data.prepare(data.DataConfig(data_dir=d))
+  return d
+
+
+@pytest.fixture(scope='module')
+def dense_run(data_dir, tmp_path_factory):
+  c = _tiny(dense_recipe.get_config('cpu'), data_dir, steps=2)
+  c.mesh = (8, 1, 1)
+  workdir = str(tmp_path_factory.mktemp('dense'))
+  train_lib.train(c, workdir)
+  return c, workdir
+
+
+def _first_batch(c):
+  run = run_config.validate(c, jax.device_count())
+  it = data.train_iterator(run.data, seq_len=c.seq_len, batch_size=c.batch_size,
+                           seed=c.seed)
+  return next(it)
+
+
+def _dense_loss(c, workdir, tokens):
+  """The trained dense model's loss on `tokens` (its newest checkpoint)."""
+  run = run_config.validate(c, jax.device_count())
+  mesh = sharding.make_mesh(run.mesh_shape)
+  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps),
+                      mesh, seed=c.seed)
+  step, params, _ = upcycle.restore_dense(workdir, mesh)
+  assert step == c.num_steps
+  state = s.init(jax.random.key(0))._replace(params=params)
+  batch = data.global_batch(tokens, s.batch_sharding)
+  return float(s.eval_step(state, batch)['loss'])
+
+
+def test_upcycled_loss_at_step_0_equals_dense(dense_run, data_dir, tmp_path):
+  dense_c, dense_dir = dense_run
+  c = _moe_config(data_dir, dense_dir)
+  workdir = str(tmp_path / 'moe')
+  train_lib.train(c, workdir)   # one step: its logged loss is the step-0 loss
+
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(l) for l in f if l.strip()]
+  (first,) = [r for r in rows if r['step'] == 1 and 'loss' in r]
+  tokens = _first_batch(c)
+  np.testing.assert_array_equal(tokens, _first_batch(dense_c))  # same data order
+  dense_loss = _dense_loss(dense_c, dense_dir, tokens)
+  print(f'dense loss {dense_loss:.6f}, upcycled MoE step-0 loss {first["loss"]:.6f}')
+  assert first['dropped_fraction'] == 0.0
+  assert first['loss'] == pytest.approx(dense_loss, rel=1e-5, abs=1e-6)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['init_from'] == dense_dir
+
+
+def test_upcycled_parameters(dense_run, data_dir):
+  _, dense_dir = dense_run
+  c = _moe_config(data_dir, dense_dir)
+  run = run_config.validate(c, jax.device_count())
+  mesh = sharding.make_mesh(run.mesh_shape)
+  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, 1), mesh)
+  fresh = s.init(jax.random.key(c.seed))
+  batch = data.global_batch(_first_batch(c), s.batch_sharding)
+  fresh_loss = float(s.eval_step(fresh, batch)['loss'])
+  state = upcycle.upcycle_state(c, s, s.init(jax.random.key(c.seed)))
+  eval_loss = float(s.eval_step(state, batch)['loss'])
+  dense_loss = _dense_loss(dense_run[0], dense_dir, _first_batch(c))
+  assert eval_loss == pytest.approx(dense_loss, rel=1e-5, abs=1e-6)
+  assert abs(fresh_loss - dense_loss) > 1e-3, (fresh_loss, dense_loss)
+  _, dense_params, _ = upcycle.restore_dense(dense_dir, mesh)
+  moe = nnx.to_pure_dict(jax.device_get(state.params))
+  dense = nnx.to_pure_dict(jax.device_get(dense_params))
+  experts = moe['blocks'][1]['ffn']
+  for name in ('w_gate', 'w_up', 'w_down'):
+    assert experts[name].shape[0] == 4
+    for e in range(4):
+      np.testing.assert_array_equal(experts[name][e], dense['blocks'][1]['ffn'][name])
+  assert not np.any(experts['w_router'])
+  for name in ('w_gate', 'w_up', 'w_down'):   # layer 0 stays dense
+    np.testing.assert_array_equal(moe['blocks'][0]['ffn'][name],
+                                  dense['blocks'][0]['ffn'][name])
+  np.testing.assert_array_equal(moe['embed'], dense['embed'])
+  np.testing.assert_array_equal(moe['blocks'][1]['attn']['wq'],
+                                dense['blocks'][1]['attn']['wq'])
+  # Laid out by the MoE's own shardings (experts over `expert`).
+  have = state.params['blocks'][1]['ffn']['w_gate'].get_value().sharding
+  want = s.state_shardings.params['blocks'][1]['ffn']['w_gate'].get_value()
+  assert have.spec == want.spec == jax.sharding.PartitionSpec('expert', None, 'model')
+
+
+def test_bad_sources_are_refused(dense_run, data_dir, tmp_path):
+  _, dense_dir = dense_run
+  missing = str(tmp_path / 'nope')
+  with pytest.raises(ConfigError, match='nope.*not a directory'):
+    run_config.validate(_moe_config(data_dir, missing), 8)
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(ConfigError, match='empty.*no checkpoints'):
+    run_config.validate(_moe_config(data_dir, str(empty)), 8)
+  with pytest.raises(ConfigError, match='expert_dim=32 must equal.*mlp_dim=64'):
+    run_config.validate(_moe_config(data_dir, dense_dir, expert_dim=32), 8)
+  with pytest.raises(ConfigError, match='num_shared_experts'):
+    run_config.validate(_moe_config(data_dir, dense_dir, num_shared_experts=1), 8)
+  c = _tiny(dense_recipe.get_config('cpu'), data_dir, steps=1)
+  c.init_from = dense_dir
+  with pytest.raises(ConfigError, match='config is dense'):
+    run_config.validate(c, 8)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    run_config.validate(_moe_config(data_dir, dense_dir), 8)   # the good one

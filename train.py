@@ -1,0 +1,46 @@
+"""Pretrains an MoE (or dense) language model; resumes from --workdir.
+
+Intentionally kept short: flags in, `moe.train_lib.train(config, workdir)`.
+
+  python train.py                                   # CPU Switch recipe, embedded corpus
+  python train.py --config configs/gshard.py:cpu --workdir runs/gshard \\
+      --config.moe.num_experts=16 --config.num_steps=500
+Multi-host: on TPU pod slices and under Slurm, jax.distributed is
+auto-detected; elsewhere pass --coordinator_address, --num_processes and
+--process_id on every process.
+"""
+
+import os
+import shlex
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           'configs', 'switch.py:cpu'),
+    'Config file and variant, e.g. configs/switch.py:cpu.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/switch_cpu',
+                               'Checkpoints, metrics and config go here.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (multi-process without auto-detection).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).')
+
+
+def main(argv):
+  del argv
+  from moe import sharding, train_lib  # after flags: jax starts here
+  sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                            _PROCESS_ID.value)
+  result = train_lib.train(_CONFIG.value, _WORKDIR.value,
+                           command=shlex.join(sys.argv))
+  print(f"step {result['step']}: train loss {result['train'].get('loss', float('nan')):.4f}, "
+        f"eval loss {result['eval'].get('loss', float('nan')):.4f}")
+
+
+if __name__ == '__main__':
+  app.run(main)
