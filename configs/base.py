@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10_000.0
   c.model.dtype = 'float32'       # compute dtype: 'float32' or 'bfloat16'
   c.model.moe_every = 2           # every n-th layer is MoE (1: all)
+  c.model.remat = False           # recompute blocks in the backward pass (memory)
   c.moe = moe_defaults()          # None for a dense model
 
   # Data (moe.data.DataConfig fields).

@@ -36,6 +36,7 @@ def real_scale(c):
   c.model.mlp_dim = 4096
   c.model.max_seq_len = 2048
   c.model.dtype = 'bfloat16'
+  c.model.remat = True
   c.moe.expert_dim = 1024
   c.moe.group_size = 4096
   c.batch_size = 256

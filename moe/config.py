@@ -134,6 +134,7 @@ class ModelConfig:
   dtype: str = 'float32'              # compute dtype; params and router stay f32
   moe: MoeConfig | None = None
   moe_every: int = 2                  # layer i is MoE when (i + 1) % moe_every == 0
+  remat: bool = False                 # recompute each block in the backward pass
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads',

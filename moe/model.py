@@ -65,9 +65,19 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)        # [B, T, D]
     x = sharding.constrain(x, ('batch', 'length', 'act_embed'))
     stats = []
+    def run_block(block, x, rng):
+      if not self.cfg.remat:
+        return block(x, train=train, rng=rng, capacity_factor=capacity_factor)
+      graphdef, state = nnx.split(block)
+
+      @jax.checkpoint  # keep only the block's inputs for the backward pass
+      def pure(state, x, rng):
+        return nnx.merge(graphdef, state)(x, train=train, rng=rng,
+                                          capacity_factor=capacity_factor)
+      return pure(state, x, rng)
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x, s = block(x, train=train, rng=layer_rng, capacity_factor=capacity_factor)
+      x, s = run_block(block, x, layer_rng)
       if s is not None:
         stats.append(s)
     x = self.final_norm(x)

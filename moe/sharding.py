@@ -150,11 +150,13 @@ def _is_var(x) -> bool:
 
 def tree_shardings(tree, mesh, rule_table=None):
   """NamedShardings for a tree of nnx Variables (by logical_axes) and arrays
-  (replicated); optimizer states inherit their parameters' names."""
+  (replicated). Optimizer states inherit their parameters' names; a state of
+  another rank (Adafactor's factored moments) is replicated."""
   def one(x):
     if _is_var(x):
       axes = x.get_metadata().get('logical_axes')
-      sharding = NamedSharding(mesh, spec(axes, rule_table) if axes else P())
+      fits = axes and len(axes) == len(x.get_value().shape)
+      sharding = NamedSharding(mesh, spec(axes, rule_table) if fits else P())
       return x.replace(sharding)
     return NamedSharding(mesh, P())
   return jax.tree.map(one, tree, is_leaf=_is_var)

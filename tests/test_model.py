@@ -228,3 +228,22 @@ def test_bfloat16_model_runs_with_float32_router_and_logits():
   assert all(a.dtype == jnp.float32 for a in s16)
   assert np.abs(np.asarray(l16 - l32)).max() < 0.1 * np.abs(np.asarray(l32)).max()
   np.testing.assert_allclose(s16.aux_loss, s32.aux_loss, rtol=0.05)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg = _cfg(moe_every=1, jitter_eps=0.1)
+  tokens = _tokens(5, t=T + 1)
+  out = {}
+  for remat in (False, True):
+    model = _model(dataclasses.replace(cfg, remat=remat), 6)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def loss_and_grads(params, graphdef=graphdef, rest=rest):
+      return jax.value_and_grad(lambda p: lm_loss(
+          nnx.merge(graphdef, p, rest), tokens, train=True,
+          rng=jax.random.key(1))[0])(params)
+    out[remat] = loss_and_grads(params)
+  np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               out[True][1], out[False][1])
