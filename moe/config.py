@@ -25,7 +25,7 @@ import math
 
 ROUTERS = ('tokens_choose', 'experts_choose')
 PRIORITIES = ('choice', 'position')
-DISPATCHES = ('einsum', 'gather')
+DISPATCHES = ('einsum', 'gather', 'dropless')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -55,7 +55,7 @@ class MoeConfig:
   router: str = 'tokens_choose'       # or 'experts_choose' (not causal)
   priority: str = 'choice'            # capacity priority: 'choice' or 'position'
   renormalize_gates: bool = False     # top-k gates divided by their sum
-  dispatch: str = 'einsum'            # or 'gather' (index-based)
+  dispatch: str = 'einsum'            # or 'gather' (index-based) or 'dropless'
   group_size: int = 1024              # tokens per routing group (multiple of seq_len)
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
@@ -98,8 +98,9 @@ class MoeConfig:
     """C = max(ceil(cf * k * S / E), min_capacity) for a group of S tokens.
 
     `factor` overrides the train/eval factor (eval's capacity what-if);
-    'dropless' gives C = S, room for every token of the group."""
-    if factor == 'dropless':
+    'dropless' gives C = S, room for every token of the group, and so does
+    the dropless dispatch unless a factor is given."""
+    if factor == 'dropless' or (factor is None and self.dispatch == 'dropless'):
       return group_size
     if factor is None:
       factor = self.train_capacity_factor if train else self.eval_capacity_factor

@@ -1,6 +1,6 @@
 """Dispatch tokens to expert buffers, run the experts, combine the results.
 
-Two paths behind one interface, `DISPATCHES[name](x, routing, weights, dtype)`:
+Three paths behind one interface, `DISPATCHES[name](x, routing, weights, dtype)`:
 
 * `einsum`: one-hot dispatch and combine tensors [G, S, E, C]; with experts
   sharded, the sharding constraints on the expert buffers make the compiler
@@ -10,7 +10,10 @@ Two paths behind one interface, `DISPATCHES[name](x, routing, weights, dtype)`:
   scatter, tokens are gathered into [G, E, C, D] buffers and gathered back
   per choice; O(k*d) memory traffic per token, no S-proportional FLOPs.
 
-Both equal a naive per-expert loop (tests/test_dispatch.py).
+* `dropless`: no capacity: sort-based block-sparse grouped matmul
+  (moe.dropless).
+
+All equal a naive per-expert loop (tests/test_dispatch.py).
 Letters: G groups, S tokens per group, K choices, E experts, C capacity,
 D d_model, F expert hidden.
 """
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe import sharding
+from moe.dropless import dropless_dispatch
 from moe.layers import swiglu
 from moe.routing import Routing
 
@@ -109,4 +113,5 @@ def gather_dispatch(x, r: Routing, w: ExpertWeights, dt):
   return jnp.einsum('GSKD,GSK->GSD', yk, r.gate.astype(dt))
 
 
-DISPATCHES = {'einsum': einsum_dispatch, 'gather': gather_dispatch}
+DISPATCHES = {'einsum': einsum_dispatch, 'gather': gather_dispatch,
+              'dropless': dropless_dispatch}

@@ -42,7 +42,8 @@ def _median_times(fns: dict, steps: int, rounds: int) -> dict:
 
 
 def _layer_fns(model_cfg, batch: int, seq_len: int):
-  """fwd+bwd of the MoE FFN per dispatch path and of the dense-active SwiGLU."""
+  """fwd+bwd of the MoE FFN per dispatch path (capacity paths at cf 1.25)
+  and of the dense-active SwiGLU."""
   import dataclasses
   import jax
   import jax.numpy as jnp
@@ -64,7 +65,7 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
     return lambda: jax.block_until_ready(step(params, x))
 
   fns = {}
-  for dispatch in ('einsum', 'gather'):
+  for dispatch in ('einsum', 'gather', 'dropless'):
     cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(
         m, dispatch=dispatch, train_capacity_factor=1.25))
     layer = MoeFeedForward(cfg, jax.random.key(0))
@@ -119,7 +120,7 @@ def main(argv):
   # Layer overhead: MoE FFN / dense SwiGLU of hidden k*F, fwd+bwd, cf 1.25.
   layer = _median_times(_layer_fns(moe_cfg, config.batch_size, config.seq_len),
                         steps, rounds)
-  overhead = {d: layer[d] / layer['dense_active'] for d in ('einsum', 'gather')}
+  overhead = {d: layer[d] / layer['dense_active'] for d in ('einsum', 'gather', 'dropless')}
 
   # Model throughput, expert scaling and MFU on the real train step.
   e8 = dataclasses.replace(moe_cfg, moe=dataclasses.replace(moe_cfg.moe, num_experts=8))
@@ -154,6 +155,7 @@ def main(argv):
   rows = [
       ('MoE layer / dense-active layer, gather (cf 1.25)', overhead['gather'], '<= 1.25'),
       ('MoE layer / dense-active layer, einsum (cf 1.25)', overhead['einsum'], '(reference)'),
+      ('MoE layer / dense-active layer, dropless', overhead['dropless'], '(no drops)'),
       ('MoE tokens/s / matched-total dense tokens/s', result['throughput_ratio_vs_dense_total'],
        f">= {0.8 * result['analytic_flop_ratio']:.2f} (0.8 x analytic {result['analytic_flop_ratio']:.2f})"),
       ('step time 64 experts / 8 experts', result['expert_scaling_64_over_8'], '<= 1.15'),

@@ -43,10 +43,11 @@ def _value_and_grads(fn, args, cot):
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'capacity'))
 def _library_vg(args, cot, *, cfg, capacity):
-  """{path: (y, grads)} for both dispatch paths (one compilation)."""
+  """{path: (y, grads)} for every dispatch path (one compilation); the
+  dropless path honours the same `kept` mask when given a capacity."""
   return {path: _value_and_grads(
       functools.partial(_library, cfg=cfg, capacity=capacity, path=path), args, cot)
-          for path in ('einsum', 'gather')}
+          for path in ('einsum', 'gather', 'dropless')}
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'capacity'))
@@ -147,3 +148,53 @@ def test_expert_ffn_matches_per_expert_swiglu():
     for i in range(e):
       np.testing.assert_allclose(y[g, i], oracle.swiglu_ref(x[g, i], wg[i], wu[i], wd[i]),
                                  **TOL)
+
+
+# --- Dropless ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('e,k', [(1, 1), (3, 1), (8, 1), (3, 2), (8, 2)])
+def test_dropless_equals_oracle_with_infinite_capacity(e, k):
+  cfg = _cfg(e, k, 1.0, dispatch='dropless')
+  c = cfg.capacity(S, train=True)
+  assert c == S                                   # room for every token
+  args = oracle.random_problem(e * 10 + k + 5, G, S, D, e, F, router_scale=3.0)
+  asg = oracle.assign_tokens_choose(oracle.probs_of(*args[:2]), k, c)
+  assert asg.kept.all()
+  _check_both_paths(cfg, c, args, asg)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_dropless_adversarial_routing_every_token_to_one_expert(k):
+  """A router that sends every token's first choice to expert 2: the capacity
+  paths drop most tokens at cf 1.25, dropless keeps them all."""
+  e = 4
+  cfg = _cfg(e, k, 1.0, dispatch='dropless')
+  args = list(oracle.random_problem(11 + k, G, S, D, e, F))
+  wr = np.zeros((D, e), np.float32)
+  wr[:, 2] = 50.0
+  args[0] = jnp.abs(args[0]) + 0.1                 # positive inputs: e2 always wins
+  args[1] = jnp.asarray(wr)
+  probs = oracle.probs_of(*args[:2])
+  asg = oracle.assign_tokens_choose(probs, k, S)
+  assert (asg.choices[..., 0] == 2).all() and asg.kept.all()
+  y_ref, _ = _check_both_paths(cfg, S, args, asg)
+  tight = oracle.assign_tokens_choose(probs, k, _cfg(e, k, 1.25).capacity(S, train=True))
+  assert tight.num_dropped > 0.5 * G * S           # what dropless avoids
+  assert np.abs(np.asarray(y_ref)).min(axis=-1).max() > 0
+
+
+def test_grouped_ffn_tiles_bound_any_assignment():
+  """The static tile buffer holds every assignment, including all rows on
+  one expert, and rows marked to skip give exactly zero."""
+  from moe import dropless
+  n, d, f, e = 37, 5, 6, 4
+  rs = np.random.RandomState(0)
+  rows = jnp.asarray(rs.standard_normal((n, d)), jnp.float32)
+  w = [jnp.asarray(rs.standard_normal(s), jnp.float32) for s in
+       ((e, d, f), (e, d, f), (e, f, d))]
+  for expert in (np.full(n, 3), rs.randint(0, e + 1, n), np.arange(n) % e):
+    out = dropless.grouped_ffn(rows, jnp.asarray(expert), e, *w, jnp.float32)
+    for i in range(n):
+      want = (np.zeros(d) if expert[i] == e else
+              oracle.swiglu_ref(rows[i], w[0][expert[i]], w[1][expert[i]], w[2][expert[i]]))
+      np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5)

@@ -17,7 +17,7 @@ from moe import sharding
 from moe.config import ConfigError, ModelConfig, MoeConfig
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
-DISPATCHES = ['einsum', 'gather']
+DISPATCHES = ['einsum', 'gather', 'dropless']
 
 
 def _to_np(tree):
@@ -32,7 +32,8 @@ def _grads(mesh_shape, dispatch):
   tokens = jax.device_put(sharded_setup.batches(1)[0], s.batch_sharding)
   loss, metrics, grads = s.loss_and_grads(state, tokens)
   hlo = s.loss_and_grads.lower(state, tokens).compile().as_text()
-  assert float(metrics['router'].dropped_fraction.mean()) > 0  # tight capacity
+  dropped = float(metrics['router'].dropped_fraction.mean())
+  assert dropped == 0 if dispatch == 'dropless' else dropped > 0  # tight capacity
   return float(loss), _to_np(grads), hlo, s, state
 
 
@@ -46,12 +47,32 @@ def test_mesh_equals_single_device(mesh_shape, dispatch):
                grads, ref_grads)
 
 
-def test_dispatch_paths_agree_on_one_device():
+def test_capacity_paths_agree_on_one_device():
   loss_e, grads_e, *_ = _grads((1, 1, 1), 'einsum')
   loss_g, grads_g, *_ = _grads((1, 1, 1), 'gather')
   np.testing.assert_allclose(loss_e, loss_g, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads_e, grads_g)
+
+
+def test_dropless_equals_capacity_paths_when_nothing_drops():
+  """With capacity for every token (cf = E/k), all three paths give the same
+  loss: dropless is the capacity paths' no-drop limit."""
+  import dataclasses
+  from moe import train_lib
+  import optax
+  losses = {}
+  for dispatch in DISPATCHES:
+    cfg = sharded_setup.model_config(dispatch)
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+        cfg.moe, train_capacity_factor=cfg.moe.num_experts / cfg.moe.top_k))
+    s = train_lib.setup(cfg, optax.adamw(1e-3), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    state = s.init(jax.random.key(0))
+    loss, metrics, _ = s.loss_and_grads(state, sharded_setup.batches(1)[0])
+    assert float(metrics['router'].dropped_fraction.mean()) == 0
+    losses[dispatch] = float(loss)
+  np.testing.assert_allclose(losses['einsum'], losses['dropless'], rtol=1e-5)
+  np.testing.assert_allclose(losses['gather'], losses['dropless'], rtol=1e-5)
 
 
 def _all_to_alls(hlo: str) -> int:
