@@ -26,6 +26,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).'
 
 def main(argv):
   del argv
+  from moe.run_config import quiet_logs
+  quiet_logs()
   import jax  # after flags: jax starts here
   from moe import eval_lib, sharding
   sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -33,6 +33,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).'
 
 def main(argv):
   del argv
+  from moe.run_config import quiet_logs
+  quiet_logs()
   from moe import sharding, train_lib  # after flags: jax starts here
   sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                             _PROCESS_ID.value)

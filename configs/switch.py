@@ -2,9 +2,17 @@
 other layer, capacity factor 1.25, aux loss 0.01.
 
 Variants (`--config configs/switch.py:VARIANT`):
-  cpu  (default) a ~3M-total-parameter model that trains in minutes on a
-       laptop CPU on the embedded Python-stdlib corpus:
+  cpu  (default) the comparison that runs in minutes on a laptop CPU on the
+       embedded Python-stdlib corpus: d=128, 4 layers, MoE in EVERY layer
+       (E=8, top-1, expert width 256), 600 steps of 16 x 128 tokens. Chosen
+       by measurement (docs/performance.md): with MoE every other layer
+       the MoE trailed its active-FLOP twin at this scale (DESIGN.md section 6);
+       with every layer it ends below it.
          python train.py --config configs/switch.py:cpu --workdir runs/switch
+         python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
+  gpu  ~490M total parameters (8 experts, d=1024, 8 layers, bf16) for one
+       H100/H200; what scripts/gpu_check.sh measures:
+         python train.py --config configs/switch.py:gpu --workdir runs/switch_gpu
   1b   ~1.0B total parameters (32 experts, d=1024, 16 layers, bf16), for a
        TPU v5p-32 slice or one 8xH100/H200 node; needs a real corpus:
          python train.py --config configs/switch.py:1b --workdir gs://B/switch1b \\
@@ -18,13 +26,37 @@ def get_config(arg: str = 'cpu'):
   c = base.get_config()
   c.moe.top_k = 1
   if arg == 'cpu':
-    c.num_steps = 1000
+    c.model.moe_every = 1
+    c.moe.expert_dim = 256
+    c.num_steps = 600
+    c.eval_every = 100
+    c.checkpoint_every = 200
+  elif arg == 'gpu':
+    one_gpu(c)
   elif arg == '1b':
     real_scale(c)
     c.moe.num_experts = 32
   else:
-    raise ValueError(f"unknown variant {arg!r} of configs/switch.py; choose 'cpu' or '1b'.")
+    raise ValueError(f"unknown variant {arg!r} of configs/switch.py; choose 'cpu', 'gpu' or '1b'.")
   return c
+
+
+def one_gpu(c):
+  """~490M total / ~135M active parameters in bf16: one H100/H200."""
+  c.model.d_model = 1024
+  c.model.num_layers = 8
+  c.model.num_heads = 16
+  c.model.head_dim = 64
+  c.model.mlp_dim = 4096
+  c.model.max_seq_len = 1024
+  c.model.dtype = 'bfloat16'
+  c.moe.expert_dim = 4096
+  c.moe.group_size = 4096
+  c.batch_size = 32
+  c.seq_len = 1024
+  c.mesh = (1, 1, 1)
+  c.peak_flops_per_device = 989e12   # H100/H200 dense bf16 datasheet
+  c.optimizer.learning_rate = 6e-4
 
 
 def real_scale(c):

@@ -32,6 +32,8 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int):
+    if '://' not in directory:  # orbax needs absolute local paths
+      directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),

@@ -157,3 +157,13 @@ def dense_twins(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
     c.mesh = (-1, 1, 1)   # pure data parallelism; same global batch
     runs[name] = c
   return runs
+
+
+def quiet_logs() -> None:
+  """Warnings and up from every logger (orbax logs each save at INFO),
+  unless the command line asked for --verbosity."""
+  import logging as py_logging
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+    py_logging.getLogger().setLevel(py_logging.WARNING)

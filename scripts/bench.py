@@ -103,6 +103,8 @@ def _step_fn(config, model_cfg):
 
 def main(argv):
   del argv
+  from moe.run_config import quiet_logs
+  quiet_logs()
   import dataclasses
   import jax
   import jax.numpy as jnp

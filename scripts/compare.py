@@ -28,6 +28,8 @@ _REPORT_ONLY = flags.DEFINE_bool('report_only', False,
 
 def main(argv):
   del argv
+  from moe.run_config import quiet_logs
+  quiet_logs()
   from moe import checkpoint, report, run_config, train_lib
   runs = run_config.dense_twins(_CONFIG.value)
   if not _REPORT_ONLY.value:

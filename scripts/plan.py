@@ -45,6 +45,8 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def main(argv):
   del argv
+  from moe.run_config import quiet_logs
+  quiet_logs()
   import jax  # pylint: disable=g-import-not-at-top
   from moe import plan  # pylint: disable=g-import-not-at-top
   from moe.config import ConfigError  # pylint: disable=g-import-not-at-top

@@ -503,6 +503,8 @@ def plot_metric(rows, workdir, swept, metric, x) -> str | None:
 
 def main(argv):
   del argv
+  from moe.run_config import quiet_logs
+  quiet_logs()
   if not _SWEEP.value:
     raise app.UsageError('--sweep is required, e.g. --sweep configs/sweeps/experts.py')
   try:
