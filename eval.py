@@ -13,15 +13,13 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
+from moe import cli  # noqa: E402  (its flags)
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            'configs', 'switch.py:cpu'),
     'Config file and variant the run was trained with.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/switch_cpu', 'The run to evaluate.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0 (multi-process without auto-detection).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).')
 
 
 def main(argv):
@@ -29,9 +27,8 @@ def main(argv):
   from moe.run_config import quiet_logs
   quiet_logs()
   import jax  # after flags: jax starts here
-  from moe import eval_lib, sharding
-  sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                            _PROCESS_ID.value)
+  from moe import eval_lib
+  cli.init_distributed()
   result = eval_lib.run_eval(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(eval_lib.format_table(result))

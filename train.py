@@ -19,25 +19,22 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
+from moe import cli  # noqa: E402  (its flags)
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            'configs', 'switch.py:cpu'),
     'Config file and variant, e.g. configs/switch.py:cpu.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/switch_cpu',
                                'Checkpoints, metrics and config go here.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0 (multi-process without auto-detection).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).')
 
 
 def main(argv):
   del argv
   from moe.run_config import quiet_logs
   quiet_logs()
-  from moe import sharding, train_lib  # after flags: jax starts here
-  sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                            _PROCESS_ID.value)
+  from moe import train_lib  # after flags: jax starts here
+  cli.init_distributed()
   result = train_lib.train(_CONFIG.value, _WORKDIR.value,
                            command=shlex.join(sys.argv))
   print(f"step {result['step']}: train loss {result['train'].get('loss', float('nan')):.4f}, "

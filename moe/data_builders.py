@@ -158,6 +158,15 @@ def resolve_text_files(pattern: str) -> tuple[str, list[str]]:
         f'text_files={pattern!r} matches no files (looked for '
         f'{expanded!r}{" recursively" if root else ""}): nothing to build. '
         'Pass a directory or a glob such as "/data/corpus/**/*.txt".')
+  nonempty = [f for f in files  # a small file may hold only whitespace
+              if os.path.getsize(f) > 4096 or _read_nonempty(f) is not None]
+  if len(nonempty) < 2:
+    raise ValueError(
+        f'text_files={pattern!r} matches {len(files)} files, of which '
+        f'{len(nonempty)} are non-empty: the corpus is empty or too small to '
+        'split. Give at least 2 non-empty files (documents are split into '
+        'train and validation by file).')
+  files = nonempty
   if root is None:
     root = os.path.commonpath(files)
     if len(files) == 1 or os.path.isfile(root):

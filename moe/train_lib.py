@@ -210,8 +210,9 @@ class _Preemption:
   """SIGTERM -> save at the next step boundary and exit 0.
 
   With several processes, orbax's `reached_preemption` (JAX's preemption
-  sync point, active after jax.distributed.initialize) makes every process
-  agree on the step; a single process sets a flag from its own handler."""
+  sync point, active after jax.distributed.initialize; its SIGTERM notifier
+  works on CPU too, see tests/test_reliability.py) makes every process agree
+  on the step; a single process sets a flag from its own handler."""
 
   def __init__(self, ckpt: Checkpointer):
     self.ckpt, self.flag, self._previous = ckpt, False, None
@@ -309,8 +310,15 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
     # command): resume from the newest checkpoint instead of rewinding again.
     _print(f'restore_step={at_most} was already honoured; resuming from the newest step')
     at_most = None
-  restored = ckpt.restore_latest(s.abstract_state, s.state_shardings,
-                                 fallback=config.restore_fallback, at_most=at_most)
+  try:
+    restored = ckpt.restore_latest(s.abstract_state, s.state_shardings,
+                                   fallback=config.restore_fallback, at_most=at_most)
+  except BaseException:
+    ckpt.close()   # no orbax threads left behind by a refused checkpoint
+    raise
+  # Every process has looked (restarted_from, restore) before process 0
+  # moves any step directory.
+  multihost_utils.sync_global_devices('checkpoints restored')
   if at_most is not None and jax.process_index() == 0:
     aside = ckpt.set_aside_after(restored[0], at_most)
     _print(f'restarting from step {restored[0]}: newer checkpoints (if any) '

@@ -1,0 +1,21 @@
+"""Flags shared by train.py and eval.py: the multi-process launch.
+
+On TPU pod slices and under Slurm jax.distributed detects the cluster by
+itself; elsewhere every process gets --coordinator_address, --num_processes
+and --process_id.
+"""
+
+from absl import flags
+
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0 (multi-process without auto-detection).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).')
+
+
+def init_distributed() -> None:
+  """jax.distributed from the flags (or the cluster's environment)."""
+  from moe import sharding
+  sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                            _PROCESS_ID.value)
