@@ -383,7 +383,7 @@ def test_eval_py_subprocess(cli_run, data_dir):
   assert result['perplexity'] == pytest.approx(math.exp(result['loss']), rel=1e-6)
   # Byte tokens: a token per byte plus one EOS per document.
   assert result['bits_per_byte'] == pytest.approx(result['loss'] / math.log(2), rel=0.01)
-  assert len(result['expert_load']) == 2 and len(result['expert_load'][0]) == 8
+  assert len(result['expert_load']) == 4 and len(result['expert_load'][0]) == 8
 
   rows = result['capacity_what_if']
   assert [r['capacity_factor'] for r in rows] == [1.0, 1.25, 2.0, 'dropless']

@@ -49,6 +49,7 @@ def _moe_config(data_dir, init_from, **moe):
   factor E/k = 2 (every expert can hold the whole group: nothing drops even
   though a zero router sends every token to experts 0 and 1)."""
   c = _tiny(switch_recipe.get_config('cpu'), data_dir, steps=1)
+  c.model.moe_every = 2       # layer 0 stays dense, layer 1 is MoE
   c.moe.num_experts = 4
   c.moe.top_k = 2
   c.moe.renormalize_gates = True
