@@ -20,7 +20,6 @@ import math
 import os
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -214,8 +213,3 @@ def _in_cluster() -> bool:
   slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
   tpu = os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
   return slurm or tpu
-
-
-def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """One global batch from each process's rows (multi-host input)."""
-  return jax.make_array_from_process_local_data(sharding, local)

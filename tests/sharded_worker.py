@@ -16,7 +16,7 @@ jax.config.update('jax_num_cpu_devices', 4)
 
 import numpy as np  # noqa: E402
 
-from moe import sharding  # noqa: E402
+from moe import data, sharding  # noqa: E402
 import sharded_setup  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main():
   losses = []
   for step_tokens in sharded_setup.batches():
     rows = np.split(step_tokens, jax.process_count())[jax.process_index()]
-    state, metrics = s.train_step(state, sharding.global_array(rows, s.batch_sharding))
+    state, metrics = s.train_step(state, data.global_batch(rows, s.batch_sharding))
     losses.append(float(metrics['loss']))
   if jax.process_index() == 0:
     with open(a.out, 'w') as f:
