@@ -47,20 +47,14 @@ def run_eval(config, workdir: str) -> dict:
   stats = data.split_stats(run.data, run.data.eval_split)
   tokens_per_byte = stats['tokens'] / max(stats['bytes'], 1)
 
-  def summary(m):
-    out = {k: float(v) for k, v in m.items() if k != 'router'}
-    if 'router' in m:
-      out.update(metrics_lib.router_summary(m['router']))
-    return out
-
-  result = summary(evaluate(s, state, batches))
+  result = metrics_lib.summarize(evaluate(s, state, batches))
   loss = result['loss']
   result.update(step=step, perplexity=math.exp(min(loss, 700.0)),
                 bits_per_byte=loss / math.log(2) * tokens_per_byte)
   if run.model.is_moe:
     result['capacity_what_if'] = [
         {'capacity_factor': cf,
-         **{k: v for k, v in summary(evaluate(s, state, batches, cf)).items()
+         **{k: v for k, v in metrics_lib.summarize(evaluate(s, state, batches, cf)).items()
             if k in ('loss', 'dropped_fraction', 'per_layer/dropped_fraction')}}
         for cf in config.eval.capacity_factors]
   if jax.process_index() == 0:

@@ -116,6 +116,14 @@ def router_summary(router: RouterStats) -> dict[str, Any]:
   }
 
 
+def summarize(metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """Host-side scalars of a step's metrics plus the router summary."""
+  out = {k: float(v) for k, v in metrics.items() if k != 'router'}
+  if 'router' in metrics:
+    out.update(router_summary(metrics['router']))
+  return out
+
+
 def _expand(metrics: Mapping[str, Any]) -> dict[str, Any]:
   """Replaces a RouterStats value (the train step's 'router') by its summary."""
   out = {}

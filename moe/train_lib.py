@@ -266,14 +266,6 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _scalar_summary(metrics: dict) -> dict:
-  """Host-side train metrics: scalars plus the router summary."""
-  out = {k: float(v) for k, v in metrics.items() if k != 'router'}
-  if 'router' in metrics:
-    out.update(metrics_lib.router_summary(metrics['router']))
-  return out
-
-
 def train(config, workdir: str, *, command: str | None = None) -> dict:
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint.
 
@@ -409,13 +401,13 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
                                    'good checkpoint is untouched.')
         logging.warning('%s; skipping it (nonfinite=skip).', msg)
       if step == 1 or step % config.log_every == 0 or step == steps:
-        last = _scalar_summary(jax.device_get(metrics))
+        last = metrics_lib.summarize(jax.device_get(metrics))
         last.update(throughput.measure(step), lr=float(lr(step - 1)),
                     train_seconds=progress['train_seconds'],
                     data_crc=progress['data_crc'])
         writer.write(step, last)
       if step % config.eval_every == 0 or step == steps:
-        last_eval = _scalar_summary(evaluate(s, state, eval_set))
+        last_eval = metrics_lib.summarize(evaluate(s, state, eval_set))
         writer.write_eval(step, last_eval)
         throughput.start(step)
       if step % config.checkpoint_every == 0 or step == steps:

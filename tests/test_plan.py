@@ -19,15 +19,11 @@ import jax  # noqa: E402
 from configs import dense as dense_recipe  # noqa: E402
 from configs import switch as switch_recipe  # noqa: E402
 from moe import plan, run_config, sharding, train_lib  # noqa: E402
+from tiny import shrink_trunk  # noqa: E402
 
 
 def _tiny(c, mesh, batch_size):
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.head_dim = 16
-  c.model.mlp_dim = 64
-  c.model.num_layers = 2
-  c.model.max_seq_len = c.seq_len = 32
+  shrink_trunk(c)
   c.batch_size = batch_size
   c.mesh = mesh
   if c.moe is not None:

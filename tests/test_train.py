@@ -29,6 +29,7 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 
 from moe import data, run_config, train_lib  # noqa: E402
+from tiny import shrink_trunk  # noqa: E402
 
 
 # --- Recipes and their variants, read from configs/ ------------------------------
@@ -95,12 +96,7 @@ def _shrink(c, data_dir):
   batch is sized so the recipe's routing groups (moe.group_size tokens = whole
   sequences of the shortened seq_len) give one group per device.
   """
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.head_dim = 16
-  c.model.mlp_dim = 64
-  c.model.num_layers = 2
-  c.model.max_seq_len = c.seq_len = 32
+  shrink_trunk(c)
   devices = jax.device_count()
   if c.moe is not None:
     c.batch_size = devices * max(c.moe.group_size // c.seq_len, 1)

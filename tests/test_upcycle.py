@@ -22,15 +22,11 @@ from configs import dense as dense_recipe  # noqa: E402
 from configs import switch as switch_recipe  # noqa: E402
 from moe import data, run_config, sharding, train_lib, upcycle  # noqa: E402
 from moe.config import ConfigError  # noqa: E402
+from tiny import shrink_trunk  # noqa: E402
 
 
 def _tiny(c, data_dir, *, steps):
-  c.model.d_model = 32
-  c.model.num_heads = 2
-  c.model.head_dim = 16
-  c.model.mlp_dim = 64
-  c.model.num_layers = 2
-  c.model.max_seq_len = c.seq_len = 32
+  shrink_trunk(c)
   c.batch_size = 8
   c.num_steps = steps
   c.log_every = 1
