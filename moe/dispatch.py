@@ -43,10 +43,17 @@ EXPERT_BUFFER = ('expert_group', 'expert', 'capacity', 'act_embed')
 
 
 def expert_ffn(xe, w: ExpertWeights, dt):
-  """Each expert's SwiGLU on its buffer. xe: [G, E, C, D] -> [G, E, C, D]."""
-  g = jnp.einsum('GECD,EDF->GECF', xe, w.w_gate.astype(dt))
-  u = jnp.einsum('GECD,EDF->GECF', xe, w.w_up.astype(dt))
-  return jnp.einsum('GECF,EFD->GECD', jax.nn.silu(g) * u, w.w_down.astype(dt))
+  """Each expert's SwiGLU on its buffer. xe: [G, E, C, D] -> [G, E, C, D].
+
+  Runs expert-major on one row axis, [E, G*C, D]: a batched matmul with the
+  expert as its only batch axis (as `layers.swiglu` flattens its tokens).
+  """
+  g, e, c, d = xe.shape
+  rows = xe.transpose(1, 0, 2, 3).reshape(e, g * c, d)            # [E, R, D]
+  h = jnp.einsum('ERD,EDF->ERF', rows, w.w_gate.astype(dt))
+  u = jnp.einsum('ERD,EDF->ERF', rows, w.w_up.astype(dt))
+  y = jnp.einsum('ERF,EFD->ERD', jax.nn.silu(h) * u, w.w_down.astype(dt))
+  return y.reshape(e, g, c, d).transpose(1, 0, 2, 3)
 
 
 def _experts_by_constraint(xe, w, dt):
@@ -63,10 +70,9 @@ def _experts_all_to_all(xe, w, dt):
   [G/(data*expert), E, C, D]. An all-to-all over `expert` sends each expert's
   slice to the device that owns it, [G/data, E/expert, C, D]; the FFN runs
   with F split over `model` (psum); a second all-to-all brings results back.
-  Without a mesh this is the plain FFN (the (1, 1, 1) case).
+  Without experts split over devices this is the plain FFN.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if not sharding.experts_split():
     return expert_ffn(xe, w, dt)
 
   def local(xe, w_gate, w_up, w_down):
@@ -101,14 +107,15 @@ def gather_dispatch(x, r: Routing, w: ExpertWeights, dt):
   e, c = w.w_gate.shape[0], r.capacity
   flat = jnp.where(r.kept, r.expert_index * c + r.slot, e * c)    # [G, S, K]
   token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], flat.shape[1:])
-  # slot -> token; empty slots point at the zero row s.
+  # slot -> token; empty slots hold the out-of-range index s, which the
+  # gather fills with zeros (as it does for dropped choices' index e*c).
   slot_token = jax.vmap(
       lambda f: jnp.full((e * c,), s, jnp.int32).at[f].set(token, mode='drop'))(flat)
-  x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)  # [G, S+1, D]
-  xe = jnp.take_along_axis(x_pad, slot_token[..., None], axis=1)       # [G, E*C, D]
+  xe = jnp.take_along_axis(x, slot_token[..., None], axis=1,
+                           mode='fill', fill_value=0)                  # [G, E*C, D]
   ye = _experts_all_to_all(xe.reshape(g, e, c, d), w, dt).reshape(g, e * c, d)
-  ye_pad = jnp.concatenate([ye, jnp.zeros((g, 1, d), ye.dtype)], axis=1)
-  yk = jnp.take_along_axis(ye_pad, flat.reshape(g, -1)[..., None], axis=1)
+  yk = jnp.take_along_axis(ye, flat.reshape(g, -1)[..., None], axis=1,
+                           mode='fill', fill_value=0)
   yk = yk.reshape(g, s, -1, d)                                          # [G, S, K, D]
   return jnp.einsum('GSKD,GSK->GSD', yk, r.gate.astype(dt))
 

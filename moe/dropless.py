@@ -86,8 +86,7 @@ def _rank_within(keys, num_keys: int):
 
 def _expert_parallel(rows, expert_of_row, num_experts, w, dt):
   """grouped_ffn with experts sharded over `expert` (worst-case buffers)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if not sharding.experts_split():
     return grouped_ffn(rows, expert_of_row, num_experts, *w, dt)
 
   def local(rows, expert_of_row, w_gate, w_up, w_down):

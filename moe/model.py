@@ -17,7 +17,7 @@ from flax import nnx
 
 from moe import sharding
 from moe.config import ModelConfig
-from moe.layers import Attention, Mlp, RMSNorm
+from moe.layers import Attention, Mlp, RMSNorm, project
 from moe.moe_layer import MoeFeedForward
 from moe.routing import RouterStats
 
@@ -81,7 +81,7 @@ class Transformer(nnx.Module):
       if s is not None:
         stats.append(s)
     x = self.final_norm(x)
-    logits = jnp.einsum('BTD,DV->BTV', x, self.unembed[...].astype(dt))
+    logits = project(x, self.unembed[...].astype(dt))             # [B, T, V]
     logits = sharding.constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else None
     return logits, stacked

@@ -70,6 +70,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec(axes))
 
 
+def experts_split() -> bool:
+  """Whether the current mesh splits the experts over devices (`expert` or
+  `model` > 1): only then do the dispatch paths need their explicit
+  all-to-all. Otherwise the plain expert FFN runs, with any data parallelism
+  left to the compiler (a shard_map over size-1 axes still costs a copy of
+  every expert's weight gradient, an all-reduce among one device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.shape['expert'] * mesh.shape['model'] > 1
+
+
 def rules(fsdp: bool = False) -> dict:
   """The rules table; FSDP shards the weights' d_model over `data`."""
   return {**RULES, 'embed': 'data'} if fsdp else RULES

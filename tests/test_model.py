@@ -247,3 +247,44 @@ def test_remat_gives_the_same_loss_and_gradients():
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                out[True][1], out[False][1])
+
+
+def _naive_causal_attention(q, k, v):
+  """Position by position in numpy (float64): softmax over positions <= t."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  b, t, n, h = q.shape
+  out = np.zeros_like(q)
+  for i in range(t):
+    s = np.einsum('bnh,bsnh->bns', q[:, i], k[:, :i + 1]) / math.sqrt(h)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out[:, i] = np.einsum('bns,bsnh->bnh', p / p.sum(-1, keepdims=True), v[:, :i + 1])
+  return out
+
+
+@pytest.mark.parametrize('dtype,tol', [('float32', 1e-5), ('bfloat16', 3e-2)])
+def test_causal_attention_equals_naive_and_jax(dtype, tol):
+  from moe.layers import causal_attention
+  rs = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(rs.normal(size=(2, 7, 3, 8)), dtype) for _ in range(3))
+  got = np.asarray(causal_attention(q, k, v), np.float64)
+  assert got.shape == (2, 7, 3, 8)
+  np.testing.assert_allclose(got, _naive_causal_attention(q, k, v), atol=tol, rtol=tol)
+  np.testing.assert_allclose(
+      got, np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=True), np.float64),
+      atol=tol, rtol=tol)
+  # Changing the last key and value moves the last position only.
+  k2, v2 = k.at[:, -1].add(1.0), v.at[:, -1].add(1.0)
+  moved = np.asarray(causal_attention(q, k2, v2), np.float64)
+  np.testing.assert_array_equal(moved[:, :-1], got[:, :-1])
+  assert np.abs(moved[:, -1] - got[:, -1]).max() > 1e-2
+
+
+def test_project_equals_einsum():
+  from moe.layers import project
+  rs = np.random.RandomState(0)
+  x, w = rs.normal(size=(2, 5, 6)), rs.normal(size=(6, 3, 4))
+  np.testing.assert_allclose(project(jnp.asarray(x), jnp.asarray(w)),
+                             np.einsum('btd,dnh->btnh', x, w), rtol=1e-5, atol=1e-5)
+  y, wo = rs.normal(size=(2, 5, 3, 4)), rs.normal(size=(3, 4, 6))
+  np.testing.assert_allclose(project(jnp.asarray(y), jnp.asarray(wo), contract=2),
+                             np.einsum('btnh,nhd->btd', y, wo), rtol=1e-5, atol=1e-5)
