@@ -8,18 +8,11 @@ Pass the same config (and overrides) the run was trained with.
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
-from moe import cli  # noqa: E402  (its flags)
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           'configs', 'switch.py:cpu'),
-    'Config file and variant the run was trained with.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/switch_cpu', 'The run to evaluate.')
+from moe import cli  # noqa: E402  (the flags)
 
 
 def main(argv):
@@ -29,7 +22,7 @@ def main(argv):
   import jax  # after flags: jax starts here
   from moe import eval_lib
   cli.init_distributed()
-  result = eval_lib.run_eval(_CONFIG.value, _WORKDIR.value)
+  result = eval_lib.run_eval(cli.CONFIG.value, cli.WORKDIR.value)
   if jax.process_index() == 0:
     print(eval_lib.format_table(result))
 

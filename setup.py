@@ -22,6 +22,7 @@ setup(
         'tensorboardX>=2.6',
         'tqdm>=4.66',
         'absl-py>=2.1',
+        'etils[epath]>=1.7',        # epath: local and gs:// run directories
         'numpy>=1.26',
         'matplotlib>=3.8',
     ],

@@ -14,19 +14,11 @@ import os
 import shlex
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
-from moe import cli  # noqa: E402  (its flags)
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           'configs', 'switch.py:cpu'),
-    'Config file and variant, e.g. configs/switch.py:cpu.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/switch_cpu',
-                               'Checkpoints, metrics and config go here.')
+from moe import cli  # noqa: E402  (the flags)
 
 
 def main(argv):
@@ -35,7 +27,7 @@ def main(argv):
   quiet_logs()
   from moe import train_lib  # after flags: jax starts here
   cli.init_distributed()
-  result = train_lib.train(_CONFIG.value, _WORKDIR.value,
+  result = train_lib.train(cli.CONFIG.value, cli.WORKDIR.value,
                            command=shlex.join(sys.argv))
   print(f"step {result['step']}: train loss {result['train'].get('loss', float('nan')):.4f}, "
         f"eval loss {result['eval'].get('loss', float('nan')):.4f}")

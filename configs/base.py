@@ -18,7 +18,8 @@ def moe_defaults() -> ml_collections.ConfigDict:
   m.priority = 'choice'           # capacity priority: 'choice' (all first choices
                                   # first, GShard) or 'position' (causal for any k)
   m.renormalize_gates = False     # divide the top-k gates by their sum
-  m.dispatch = 'gather'           # 'gather' (index-based) or 'einsum' (one-hot)
+  m.dispatch = 'gather'           # 'gather' (index-based), 'einsum' (one-hot) or
+                                  # 'dropless' (no capacity: every token reaches its experts)
   m.group_size = 256              # tokens per routing group (whole sequences)
   m.train_capacity_factor = 1.25  # C = max(ceil(cf*k*S/E), min_capacity)
   m.eval_capacity_factor = 2.0

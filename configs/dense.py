@@ -3,7 +3,7 @@
 Variants (`--config configs/dense.py:VARIANT`):
   cpu  (default) laptop CPU, embedded corpus:
          python train.py --config configs/dense.py:cpu --workdir runs/dense
-  1b   ~1B parameters (d=2048, 16 layers, bf16) for a TPU v5p-32 slice or one
+  1b   ~0.8B parameters (d=2048, 16 layers, bf16) for a TPU v5p-32 slice or one
        8xH100/H200 node:
          python train.py --config configs/dense.py:1b --workdir gs://B/dense1b \\
            --config.data.name=c4/en --config.data.data_dir=gs://B/tfds

@@ -6,8 +6,8 @@ Variants (`--config configs/switch.py:VARIANT`):
        embedded Python-stdlib corpus: d=128, 4 layers, MoE in EVERY layer
        (E=8, top-1, expert width 256), 600 steps of 16 x 128 tokens. Chosen
        by measurement (docs/performance.md): with MoE every other layer
-       the MoE trailed its active-FLOP twin at this scale (DESIGN.md section 6);
-       with every layer it ends within 0.04 nats of it (below in one run,
+       the MoE trailed its active-FLOP twin at this scale; with every
+       layer it ends within 0.04 nats of it (below in one run,
        above in another) and well below its matched-total twin.
          python train.py --config configs/switch.py:cpu --workdir runs/switch
          python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
@@ -51,6 +51,7 @@ def one_gpu(c):
   c.model.mlp_dim = 4096
   c.model.max_seq_len = 1024
   c.model.dtype = 'bfloat16'
+  c.model.remat = True               # 74 GiB planned without, 8 GiB with
   c.moe.expert_dim = 4096
   c.moe.group_size = 4096
   c.batch_size = 32

@@ -17,6 +17,7 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def _path(keys) -> str:
@@ -29,9 +30,17 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored; the message names the step."""
 
 
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint whose shapes differ from the model config: never damage,
+  so a fall-back restore does not skip it."""
+
+
 class Checkpointer:
 
-  def __init__(self, directory: str, *, max_to_keep: int):
+  def __init__(self, directory: str, *, max_to_keep: int | None = None,
+               read_only: bool = False):
+    """read_only: for readers of another run's checkpoints (eval.py,
+    upcycling), which must never create, clean up or delete anything there."""
     if '://' not in directory:  # orbax needs absolute local paths
       directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
@@ -40,11 +49,8 @@ class Checkpointer:
                        'data': ocp.JsonCheckpointHandler(),
                        'config': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=True, cleanup_tmp_directories=True))
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+            max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
+            enable_async_checkpointing=True, cleanup_tmp_directories=not read_only))
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -90,7 +96,7 @@ class Checkpointer:
     missing = sorted(set(want) - set(have))
     if bad or missing:
       detail = '; '.join(bad[:4] + [f'{k} missing' for k in missing[:4]])
-      raise CheckpointError(
+      raise CheckpointMismatchError(
           f'checkpoint step {step} in {self.manager.directory} does not match '
           f'the model config: {detail}. Use the config it was trained with '
           f'(saved beside it as config) or a new workdir.')
@@ -110,8 +116,10 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         return (step,) + self.restore(step, abstract_state, state_shardings)
+      except CheckpointMismatchError:
+        raise
       except CheckpointError as e:
-        if not fallback or 'does not match the model config' in str(e):
+        if not fallback:
           raise
         logging.warning('skipping damaged checkpoint: %s', e)
     return None
@@ -148,18 +156,19 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Committed checkpoint steps of a run's workdir (local or gs://)."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    return []
+  return sorted(ocp.utils.checkpoint_steps(directory))
+
+
 def latest_step(workdir: str) -> int | None:
   """The newest committed checkpoint step of a run's workdir, or None."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return None
-  steps = ocp.utils.checkpoint_steps(directory)
-  return max(steps) if steps else None
+  return max(checkpoint_steps(workdir), default=None)

@@ -1,11 +1,24 @@
-"""Flags shared by train.py and eval.py: the multi-process launch.
+"""Flags shared by train.py and eval.py: the run (--config, --workdir) and
+the multi-process launch.
 
 On TPU pod slices and under Slurm jax.distributed detects the cluster by
 itself; elsewhere every process gets --coordinator_address, --num_processes
 and --process_id.
 """
 
+import os
+
 from absl import flags
+from ml_collections import config_flags
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_ROOT, 'configs', 'switch.py:cpu'),
+    'Config file and variant, e.g. configs/switch.py:cpu (eval.py: the one '
+    'the run was trained with, overrides included).', lock_config=True)
+WORKDIR = flags.DEFINE_string(
+    'workdir', 'runs/switch_cpu', 'The run: checkpoints, metrics and config.')
 
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,

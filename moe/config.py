@@ -93,6 +93,11 @@ class MoeConfig:
     _check(self.num_shared_experts >= 0,
            f'moe.num_shared_experts={self.num_shared_experts} must be >= 0.')
 
+  def seqs_per_group(self, batch: int, seq_len: int) -> int:
+    """Sequences per routing group: group_size // seq_len, at least 1 and at
+    most the batch."""
+    return min(max(self.group_size // seq_len, 1), batch)
+
   def capacity(self, group_size: int, train: bool,
                factor: float | str | None = None) -> int:
     """C = max(ceil(cf * k * S / E), min_capacity) for a group of S tokens.

@@ -13,7 +13,7 @@ Public interface::
                  shard_count=None) -> grain.DatasetIterator   # endless
   eval_batches(cfg, *, seq_len, batch_size, max_batches=None,
                shard_index=None, shard_count=None) -> Iterable  # finite
-  global_batch(local_batch, sharding, global_shape=None) -> jax.Array
+  global_batch(local_batch, sharding) -> jax.Array
   unigram_entropy(cfg, *, max_tokens=None) -> float  # nats/token, train split
   split_stats(cfg, split) -> {'documents', 'bytes', 'tokens'}
   prepare_command(cfg) -> str                # shell command preparing cfg
@@ -487,13 +487,11 @@ def eval_batches(cfg: DataConfig, *, seq_len: int, batch_size: int,
                       shard_index, shard_count)
 
 
-def global_batch(local_batch: np.ndarray, sharding: jax.sharding.Sharding,
-                 global_shape: tuple[int, ...] | None = None) -> jax.Array:
+def global_batch(local_batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
   """This process's rows -> the global batch, laid out by `sharding` (e.g.
-  NamedSharding(mesh, P(('data', 'expert')))). The global shape defaults to
-  the local one with the batch dimension times the processes it spans."""
-  return jax.make_array_from_process_local_data(
-      sharding, np.asarray(local_batch), global_shape)
+  NamedSharding(mesh, P(('data', 'expert')))): the local shape with the batch
+  dimension times the processes it spans."""
+  return jax.make_array_from_process_local_data(sharding, np.asarray(local_batch))
 
 
 # --- Statistics --------------------------------------------------------------

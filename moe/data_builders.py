@@ -167,10 +167,8 @@ def resolve_text_files(pattern: str) -> tuple[str, list[str]]:
         'split. Give at least 2 non-empty files (documents are split into '
         'train and validation by file).')
   files = nonempty
-  if root is None:
+  if root is None:  # two or more distinct files: their common directory
     root = os.path.commonpath(files)
-    if len(files) == 1 or os.path.isfile(root):
-      root = os.path.dirname(root)
   return root, [os.path.relpath(f, root).replace(os.sep, '/') for f in files]
 
 

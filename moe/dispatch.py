@@ -20,6 +20,7 @@ D d_model, F expert hidden.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -45,14 +46,12 @@ EXPERT_BUFFER = ('expert_group', 'expert', 'capacity', 'act_embed')
 def expert_ffn(xe, w: ExpertWeights, dt):
   """Each expert's SwiGLU on its buffer. xe: [G, E, C, D] -> [G, E, C, D].
 
-  Runs expert-major on one row axis, [E, G*C, D]: a batched matmul with the
-  expert as its only batch axis (as `layers.swiglu` flattens its tokens).
+  `layers.swiglu` vmapped over experts, on one row axis per expert,
+  [E, G*C, D]: batched matmuls with the expert as their only batch axis.
   """
   g, e, c, d = xe.shape
   rows = xe.transpose(1, 0, 2, 3).reshape(e, g * c, d)            # [E, R, D]
-  h = jnp.einsum('ERD,EDF->ERF', rows, w.w_gate.astype(dt))
-  u = jnp.einsum('ERD,EDF->ERF', rows, w.w_up.astype(dt))
-  y = jnp.einsum('ERF,EFD->ERD', jax.nn.silu(h) * u, w.w_down.astype(dt))
+  y = jax.vmap(functools.partial(swiglu, dt=dt))(rows, *w)        # [E, R, D]
   return y.reshape(e, g, c, d).transpose(1, 0, 2, 3)
 
 
@@ -82,9 +81,8 @@ def _experts_all_to_all(xe, w, dt):
     return jax.lax.all_to_all(ye, 'expert', split_axis=0, concat_axis=1, tiled=True)
 
   buf = P(sharding.BATCH_AXES, None, None, None)
-  col, row = P('expert', None, 'model'), P('expert', 'model', None)
-  return jax.shard_map(local, in_specs=(buf, col, col, row), out_specs=buf)(
-      xe, w.w_gate, w.w_up, w.w_down)
+  return jax.shard_map(local, in_specs=(buf, *sharding.EXPERT_WEIGHT_SPECS),
+                       out_specs=buf)(xe, *w)
 
 
 def einsum_dispatch(x, r: Routing, w: ExpertWeights, dt):
@@ -94,8 +92,10 @@ def einsum_dispatch(x, r: Routing, w: ExpertWeights, dt):
                            dtype=dt)                              # [G, S, K, C]
   expert_1h = jax.nn.one_hot(r.expert_index, e, dtype=dt)         # [G, S, K, E]
   dispatch = jnp.einsum('GSKE,GSKC->GSEC', expert_1h, slot_1h)    # [G, S, E, C]
-  combine = jnp.einsum('GSKE,GSKC,GSK->GSEC', expert_1h, slot_1h,
-                       r.gate.astype(dt))
+  # A token's k choices are distinct experts: its gate per expert scales its
+  # one dispatch slot in that expert.
+  gate = jnp.einsum('GSKE,GSK->GSE', expert_1h, r.gate.astype(dt))    # [G, S, E]
+  combine = dispatch * gate[..., None]                            # [G, S, E, C]
   xe = jnp.einsum('GSEC,GSD->GECD', dispatch, x)
   ye = _experts_by_constraint(xe, w, dt)
   return jnp.einsum('GSEC,GECD->GSD', combine, ye)

@@ -13,8 +13,8 @@ Grouped matmul (`grouped_ffn`), for N rows each assigned to one of E experts:
   4. scatter the rows back to their original order.
 Padding costs at most E*(T-1) rows: T is chosen so that this stays <= 1/8 of N
 (T = clamp(2^floor(log2(N / 8E)), 8, 512)). `jax.lax.ragged_dot` computes the
-same product but ran 12x slower than a dense matmul of the active size on
-this CPU (it materializes every group), so it is not used.
+same product but ran an order of magnitude slower than a dense matmul of
+the active size on XLA:CPU (jax 0.10), so it is not used.
 
 Across the `expert` mesh axis (`jax.shard_map`): each device sends each of
 its choices to the device owning the chosen expert. Without a ragged
@@ -27,6 +27,7 @@ price of never dropping; the capacity paths are the bounded alternative.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe import sharding
-from moe.routing import Routing
+from moe.layers import swiglu
+from moe.routing import Routing, rank_within
 
 
 def tile_size(num_rows: int, num_experts: int) -> int:
@@ -54,34 +56,21 @@ def grouped_ffn(rows, expert_of_row, num_experts: int, w_gate, w_up, w_down, dt)
   num_tiles = (n + e * (tile - 1)) // tile + 1
   size = num_tiles * tile
   key = jnp.minimum(expert_of_row, e)                        # e = skip
-  order = jnp.argsort(key, stable=True)                      # [N]
-  counts = jnp.bincount(key, length=e + 1)[:e]               # [E]
-  padded = (counts + tile - 1) // tile * tile                # [E]
+  rank, counts = rank_within(key, e + 1)                     # [N], [E + 1]
+  padded = (counts[:e] + tile - 1) // tile * tile            # [E]
   padded_end = jnp.cumsum(padded)
-  sorted_key = key[order]
-  expert = jnp.minimum(sorted_key, e - 1)
-  rank = jnp.arange(n) - (jnp.cumsum(counts) - counts)[expert]
-  dest_sorted = jnp.where(sorted_key < e, padded_end[expert] - padded[expert] + rank, size)
-  dest = jnp.zeros(n, jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))  # [N]
+  expert = jnp.minimum(key, e - 1)
+  # Each row's place in the buffer; skipped rows get `size`, out of range.
+  dest = jnp.where(key < e, padded_end[expert] - padded[expert] + rank, size)  # [N]
   source = jnp.full(size, n, jnp.int32).at[dest].set(jnp.arange(n, dtype=jnp.int32),
                                                      mode='drop')             # [B*T]
-  rows_pad = jnp.concatenate([rows, jnp.zeros((1, d), rows.dtype)])
-  xb = rows_pad[source].reshape(num_tiles, tile, d)                           # [B, T, D]
+  # Out-of-range indices (padding slots, skipped rows) read zeros.
+  xb = rows.at[source].get(mode='fill', fill_value=0).reshape(num_tiles, tile, d)  # [B, T, D]
   tile_expert = jnp.minimum(
       jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side='right'), e - 1)
-  g = jnp.einsum('BTD,BDF->BTF', xb, w_gate[tile_expert].astype(dt))
-  u = jnp.einsum('BTD,BDF->BTF', xb, w_up[tile_expert].astype(dt))
-  yb = jnp.einsum('BTF,BFD->BTD', jax.nn.silu(g) * u, w_down[tile_expert].astype(dt))
-  yb = jnp.concatenate([yb.reshape(size, d), jnp.zeros((1, d), yb.dtype)])
-  return yb[dest]                                                              # [N, D]
-
-
-def _rank_within(keys, num_keys: int):
-  """Position of each entry among the entries with the same key (stable)."""
-  order = jnp.argsort(keys, stable=True)
-  counts = jnp.bincount(keys, length=num_keys)
-  rank_sorted = jnp.arange(keys.shape[0]) - (jnp.cumsum(counts) - counts)[keys[order]]
-  return jnp.zeros_like(keys).at[order].set(rank_sorted.astype(keys.dtype))
+  yb = jax.vmap(functools.partial(swiglu, dt=dt))(                # [B, T, D]
+      xb, w_gate[tile_expert], w_up[tile_expert], w_down[tile_expert])
+  return yb.reshape(size, d).at[dest].get(mode='fill', fill_value=0)           # [N, D]
 
 
 def _expert_parallel(rows, expert_of_row, num_experts, w, dt):
@@ -95,7 +84,7 @@ def _expert_parallel(rows, expert_of_row, num_experts, w, dt):
     per_shard = num_experts // shards
     skip = expert_of_row >= num_experts
     device = jnp.where(skip, shards, expert_of_row // per_shard)             # [N]
-    slot = _rank_within(device, shards + 1)                                  # [N]
+    slot, _ = rank_within(device, shards + 1)                                # [N]
     send = jnp.zeros((shards, n, d), rows.dtype).at[device, slot].set(rows, mode='drop')
     send_expert = jnp.full((shards, n), per_shard, jnp.int32).at[device, slot].set(
         (expert_of_row % per_shard).astype(jnp.int32), mode='drop')
@@ -108,10 +97,10 @@ def _expert_parallel(rows, expert_of_row, num_experts, w, dt):
     back = jnp.concatenate([back, jnp.zeros((1, n, d), back.dtype)])
     return back[device, slot]                                                # [N, D]
 
-  batch = P(sharding.BATCH_AXES)
-  col, row = P('expert', None, 'model'), P('expert', 'model', None)
-  return jax.shard_map(local, in_specs=(P(sharding.BATCH_AXES, None), batch, col, col, row),
-                       out_specs=P(sharding.BATCH_AXES, None))(rows, expert_of_row, *w)
+  rows_spec = P(sharding.BATCH_AXES, None)
+  return jax.shard_map(
+      local, in_specs=(rows_spec, P(sharding.BATCH_AXES), *sharding.EXPERT_WEIGHT_SPECS),
+      out_specs=rows_spec)(rows, expert_of_row, *w)
 
 
 def dropless_dispatch(x, r: Routing, w, dt):

@@ -27,11 +27,12 @@ def run_eval(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(run.mesh_shape)
   s = setup(run.model, make_optimizer(config.optimizer, config.num_steps), mesh,
             seed=config.seed, fsdp=config.fsdp)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                      max_to_keep=config.max_to_keep)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
     steps = ckpt.all_steps()
-    step = steps[-1] if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+    step = config.eval.checkpoint_step
+    if step < 0 and steps:
+      step = steps[-1]
     if step not in steps:
       raise CheckpointError(
           f'no checkpoint at step {step} in {workdir}/checkpoints; available '

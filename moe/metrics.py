@@ -60,10 +60,6 @@ either declared (e.g. 989e12 for H100/H200 bf16 dense) or measured by
 wall-clock between `measure` calls: JAX dispatches asynchronously, so the
 caller must block on the step results (e.g. `jax.device_get(metrics)`) before
 calling `measure`, or the interval measures dispatch, not compute.
-
-Safety rail (big_vision): `check_finite(metrics, step)` raises a
-FloatingPointError naming the step and the non-finite metrics;
-`nonfinite(metrics)` only lists them, for a loop that prefers to skip.
 """
 
 from __future__ import annotations
@@ -117,11 +113,9 @@ def router_summary(router: RouterStats) -> dict[str, Any]:
 
 
 def summarize(metrics: Mapping[str, Any]) -> dict[str, Any]:
-  """Host-side scalars of a step's metrics plus the router summary."""
-  out = {k: float(v) for k, v in metrics.items() if k != 'router'}
-  if 'router' in metrics:
-    out.update(router_summary(metrics['router']))
-  return out
+  """Host-side values of a step's metrics: scalars as floats, the router
+  stats as their summary."""
+  return {k: float(v) if np.ndim(v) == 0 else v for k, v in _expand(metrics).items()}
 
 
 def _expand(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,34 +180,6 @@ def tensorboard_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
-# --- Safety rail -----------------------------------------------------------------
-
-def nonfinite(metrics: Mapping[str, Any]) -> list[str]:
-  """Names of numeric metrics holding a NaN or inf (RouterStats fields included)."""
-  bad = []
-  for k, v in metrics.items():
-    if isinstance(v, str):
-      continue
-    if isinstance(v, RouterStats):
-      bad += [f'{k}/{f}' for f, x in zip(v._fields, v)
-              if not np.all(np.isfinite(np.asarray(x, np.float64)))]
-    elif not np.all(np.isfinite(np.asarray(v, np.float64))):
-      bad.append(k)
-  return bad
-
-
-def check_finite(metrics: Mapping[str, Any], step: int) -> None:
-  """Raises FloatingPointError naming the step and every non-finite metric."""
-  bad = nonfinite(metrics)
-  if bad:
-    values = ', '.join(
-        f'{k}={float(np.asarray(metrics[k]))}'
-        if k in metrics and np.ndim(metrics[k]) == 0 else k for k in bad)
-    raise FloatingPointError(
-        f'Non-finite metric(s) at step {step}: {values}. Lower the learning '
-        'rate, check the data, or restore the last checkpoint.')
-
-
 # --- Writers -----------------------------------------------------------------------
 
 class MetricWriter:
@@ -226,7 +192,6 @@ class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool | None = None,
                total_steps: int, progress: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.workdir = workdir
     self._total = total_steps
     self._progress = progress
     self._bar = None
@@ -283,11 +248,6 @@ class MetricWriter:
     if postfix:
       self._bar.set_postfix(postfix, refresh=False)
     self._bar.update(max(0, int(step) - self._bar.n))
-
-  def flush(self) -> None:
-    if self.enabled:
-      self._jsonl.flush()
-      self._tb.flush()
 
   def close(self) -> None:
     if not self.enabled or self._jsonl is None:
@@ -411,14 +371,19 @@ class Throughput:
             'step_time': seconds / steps}
 
 
-def peak_memory_mb(compiled) -> float:
-  """Peak device memory of one compiled step, in MiB: the device's own
-  high-water mark where it keeps one (GPU, TPU), else the compiler's
-  estimate (arguments + outputs + temporaries - donated aliases)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:
-    return stats['peak_bytes_in_use'] / 2**20
+def compiled_memory(compiled) -> dict[str, int]:
+  """XLA's memory figure of one compiled step, per device, in bytes:
+  argument, output, alias (donated) and temp, and their total = argument +
+  output - alias + temp, the step's high-water mark."""
   m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes
-           + m.temp_size_in_bytes - m.alias_size_in_bytes)
-  return total / 2**20
+  out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes,
+         'alias': m.alias_size_in_bytes, 'temp': m.temp_size_in_bytes}
+  out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  return out
+
+
+def peak_memory_mb(compiled) -> float:
+  """Peak device memory of one compiled step in MiB, from the compiler
+  (`compiled_memory`): a figure of the step itself on every backend, unlike
+  the device's high-water mark, which also counts whatever ran before."""
+  return compiled_memory(compiled)['total'] / 2**20

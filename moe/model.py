@@ -17,7 +17,7 @@ from flax import nnx
 
 from moe import sharding
 from moe.config import ModelConfig
-from moe.layers import Attention, Mlp, RMSNorm, project
+from moe.layers import Attention, Mlp, RMSNorm, fan_in_init, project
 from moe.moe_layer import MoeFeedForward
 from moe.routing import RouterStats
 
@@ -29,14 +29,13 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model)
     self.attn = Attention(cfg, ka)
     self.ffn_norm = RMSNorm(cfg.d_model)
-    self.is_moe = cfg.is_moe_layer(index)
-    self.ffn = (MoeFeedForward(cfg, kf) if self.is_moe
+    self.ffn = (MoeFeedForward(cfg, kf) if cfg.is_moe_layer(index)
                 else Mlp(cfg.d_model, cfg.mlp_dim, cfg.dtype, kf))
 
   def __call__(self, x, *, train: bool, rng, capacity_factor=None):
     x = x + self.attn(self.attn_norm(x))
     h = self.ffn_norm(x)
-    if self.is_moe:
+    if isinstance(self.ffn, MoeFeedForward):
       y, stats = self.ffn(h, train=train, rng=rng, capacity_factor=capacity_factor)
     else:
       y, stats = self.ffn(h), None
@@ -52,9 +51,8 @@ class Transformer(nnx.Module):
                                 (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
     self.blocks = nnx.List([Block(cfg, i, kb[i]) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model)
-    self.unembed = sharding.param(
-        nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
-        ku, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+    self.unembed = sharding.param(fan_in_init(1), ku, (cfg.d_model, cfg.vocab_size),
+                                  ('embed', 'vocab'))
 
   def __call__(self, tokens, *, train: bool = False, rng: jax.Array | None = None,
                capacity_factor: float | str | None = None):
@@ -87,7 +85,7 @@ class Transformer(nnx.Module):
     return logits, stacked
 
   def moe_layers(self) -> list[MoeFeedForward]:
-    return [b.ffn for b in self.blocks if b.is_moe]
+    return [b.ffn for b in self.blocks if isinstance(b.ffn, MoeFeedForward)]
 
   def update_balance_bias(self, stats: RouterStats):
     """Aux-loss-free bias step for every MoE layer from this step's loads."""

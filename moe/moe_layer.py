@@ -67,8 +67,8 @@ class MoeFeedForward(nnx.Module):
                    if m.num_shared_experts else None)
 
   def seqs_per_group(self, batch: int, seq_len: int) -> int:
-    """Sequences per routing group: group_size // seq_len, at most the batch."""
-    spg = min(max(self.cfg.group_size // seq_len, 1), batch)
+    """MoeConfig.seqs_per_group; refuses a batch that does not split into groups."""
+    spg = self.cfg.seqs_per_group(batch, seq_len)
     if batch % spg:
       raise ConfigError(
           f'batch of {batch} sequences does not split into routing groups of '

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe import run_config, sharding
+from moe import metrics, run_config, sharding
 from moe.config import ModelConfig
 from moe.model import Transformer, lm_loss
 
@@ -131,14 +131,6 @@ def tree_bytes(tree, sizes: dict, rule_table) -> int:
   return total
 
 
-def abstract_state(cfg: ModelConfig, tx):
-  """(params, extra, opt_state) as ShapeDtypeStructs in nnx Variables."""
-  def new(key):
-    _, params, extra = nnx.split(Transformer(cfg, key), nnx.Param, ...)
-    return params, extra, tx.init(params)
-  return jax.eval_shape(new, jax.random.key(0))
-
-
 # --- Activations -------------------------------------------------------------------------
 
 def local_model(cfg: ModelConfig, model_axis: int) -> ModelConfig:
@@ -192,7 +184,7 @@ def _moe_layers(cfg: ModelConfig, mesh_shape, global_batch: int,
     return []
   data, expert, _ = mesh_shape
   m = cfg.moe
-  spg = min(max(m.group_size // seq_len, 1), global_batch)
+  spg = m.seqs_per_group(global_batch, seq_len)
   groups = global_batch // spg
   group_tokens = spg * seq_len
   g_local = math.ceil(groups / (data * expert))
@@ -218,8 +210,9 @@ def make_plan(config, num_devices: int | None = None) -> Plan:
   sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
   rule_table = sharding.rules(config.fsdp)
   tx = train_lib.make_optimizer(config.optimizer, config.num_steps)
-  params, extra, opt_state = abstract_state(cfg, tx)
-  param_bytes = tree_bytes(params, sizes, rule_table)
+  state = jax.eval_shape(lambda key: train_lib.new_state(cfg, tx, key)[1],
+                         jax.random.key(0))
+  param_bytes = tree_bytes(state.params, sizes, rule_table)
   batch_shards = mesh_shape[0] * mesh_shape[1]
   local_batch = config.batch_size // batch_shards
   return Plan(
@@ -229,8 +222,8 @@ def make_plan(config, num_devices: int | None = None) -> Plan:
       tokens_per_step=config.batch_size * config.seq_len,
       local_batch=local_batch,
       param_bytes=param_bytes,
-      optimizer_bytes=(tree_bytes(opt_state, sizes, rule_table)
-                       + tree_bytes(extra, sizes, rule_table)),
+      optimizer_bytes=(tree_bytes(state.opt_state, sizes, rule_table)
+                       + tree_bytes(state.extra, sizes, rule_table)),
       gradient_bytes=param_bytes,
       activation_bytes=activation_bytes(cfg, local_batch, config.seq_len,
                                         mesh_shape[2]),
@@ -296,8 +289,4 @@ def compiled_bytes(config) -> dict:
                       mesh, seed=config.seed, fsdp=config.fsdp)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
                                 sharding=s.batch_sharding)
-  m = s.train_step.lower(s.abstract_state, tokens).compile().memory_analysis()
-  out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes,
-         'alias': m.alias_size_in_bytes, 'temp': m.temp_size_in_bytes}
-  out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
-  return out
+  return metrics.compiled_memory(s.train_step.lower(s.abstract_state, tokens).compile())

@@ -78,6 +78,12 @@ class Run:
     return int(self.eval_steps[hit[0]]) if len(hit) else None
 
 
+def _save(fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _loss_curves(runs, path):
   fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
   xs = {
@@ -96,9 +102,7 @@ def _loss_curves(runs, path):
     ax.grid(alpha=0.3)
   axes[0].legend()
   fig.suptitle('Validation loss: MoE vs. its dense twins (same data order and seed)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _throughput(runs, path):
@@ -110,9 +114,7 @@ def _throughput(runs, path):
     ax.bar([LABELS[r.name] for r in runs], vals, color=['C0', 'C1', 'C2'])
     ax.set_title(title + ' (median over logs)')
     ax.tick_params(axis='x', labelrotation=12)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _expert_load(moe, path):
@@ -129,9 +131,7 @@ def _expert_load(moe, path):
   ax.set_xlabel('step')
   ax.set_title(f'Expert load (fraction of routed tokens); uniform = {1 / num_experts:.3f}')
   fig.colorbar(image, ax=ax)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _router(moe, path):
@@ -149,9 +149,7 @@ def _router(moe, path):
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
   axes[0].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _speedup(moe: Run, dense: Run) -> tuple[str, str]:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.config import MoeConfig
+from moe.layers import project
 
 
 class Routing(NamedTuple):
@@ -69,11 +70,22 @@ def router_logits(x, w_router, *, cfg: MoeConfig, train: bool,
   if train and cfg.jitter_eps > 0:
     x = x * jax.random.uniform(jax.random.fold_in(rng, 0), x.shape, jnp.float32,
                                1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
-  logits = jnp.einsum('GSD,DE->GSE', x, w_router.astype(jnp.float32))
+  logits = project(x, w_router.astype(jnp.float32))              # [G, S, E]
   if train and cfg.logit_noise_std > 0:
     logits = logits + cfg.logit_noise_std * jax.random.normal(
         jax.random.fold_in(rng, 1), logits.shape, jnp.float32)
   return logits
+
+
+def rank_within(keys, num_keys: int):
+  """Stable rank of each entry among the entries with the same key, and the
+  count of each key. keys: [N] ints in [0, num_keys) -> rank [N], counts [K].
+  Sort-based (O(N log N)), so the cost does not grow with num_keys."""
+  order = jnp.argsort(keys, stable=True)                          # grouped by key
+  counts = jnp.bincount(keys, length=num_keys)
+  rank_sorted = jnp.arange(keys.shape[0]) - (jnp.cumsum(counts) - counts)[keys[order]]
+  rank = jnp.zeros(keys.shape, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+  return rank, counts
 
 
 def _slots_by_priority(expert_index, num_experts, priority: str):
@@ -82,18 +94,13 @@ def _slots_by_priority(expert_index, num_experts, priority: str):
   priority 'choice': every first choice before any second choice, then by
   position (GShard); 'position': by position, then choice (causal for any k).
   expert_index: [S, K] -> slots [S, K] and per-expert counts [E].
-  Sort-based (O(KS log KS)), so the cost does not grow with E.
   """
   s, k = expert_index.shape
   if priority == 'choice':
     flat = expert_index.T.reshape(k * s)            # k-major, then s
   else:
     flat = expert_index.reshape(s * k)              # s-major, then k
-  order = jnp.argsort(flat, stable=True)            # [KS] grouped by expert
-  counts = jnp.bincount(flat, length=num_experts)   # [E]
-  starts = jnp.cumsum(counts) - counts              # [E]
-  rank_sorted = jnp.arange(k * s) - starts[flat[order]]
-  rank = jnp.zeros(k * s, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+  rank, counts = rank_within(flat, num_experts)     # [KS], [E]
   rank = rank.reshape(k, s).T if priority == 'choice' else rank.reshape(s, k)
   return rank, counts
 

@@ -42,15 +42,9 @@ class Run:
 
 def _fields(cls, section: ml_collections.ConfigDict, prefix: str) -> dict:
   """The ConfigDict section as dataclass kwargs; unknown keys suggest a name."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  out = {}
-  for key, value in section.items():
-    if key not in names:
-      close = difflib.get_close_matches(key, names, n=1)
-      hint = f' Did you mean {prefix}.{close[0]}?' if close else ''
-      raise ConfigError(f'unknown config key {prefix}.{key}.{hint}')
-    out[key] = tuple(value) if isinstance(value, list) else value
-  return out
+  _known_keys(section, {f.name for f in dataclasses.fields(cls)}, prefix + '.')
+  return {key: tuple(value) if isinstance(value, list) else value
+          for key, value in section.items()}
 
 
 def _known_keys(section, names, prefix: str) -> None:

@@ -70,6 +70,13 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec(axes))
 
 
+# Expert weights (w_gate, w_up, w_down) inside the explicit all-to-all paths:
+# experts over `expert`, the hidden F over `model`, whole over `data` (FSDP's
+# d_model shards are gathered on entry).
+EXPERT_WEIGHT_SPECS = (P('expert', None, 'model'), P('expert', None, 'model'),
+                       P('expert', 'model', None))
+
+
 def experts_split() -> bool:
   """Whether the current mesh splits the experts over devices (`expert` or
   `model` > 1): only then do the dispatch paths need their explicit
@@ -139,7 +146,7 @@ def validate_layout(cfg: ModelConfig, mesh_shape, *, global_batch: int,
     if m.expert_dim % model:
       errors.append(f'moe.expert_dim={m.expert_dim} is not divisible by the '
                     f'model axis ({model})')
-    spg = min(max(m.group_size // seq_len, 1), global_batch)
+    spg = m.seqs_per_group(global_batch, seq_len)
     groups = global_batch // spg
     if global_batch % spg == 0 and groups % batch_shards:
       errors.append(f'{groups} routing groups (batch_size={global_batch} / '

@@ -41,7 +41,6 @@ class TrainState(NamedTuple):
 class Setup(NamedTuple):
   """Everything the loop needs to run steps on a mesh."""
   mesh: jax.sharding.Mesh
-  graphdef: nnx.GraphDef
   abstract_state: TrainState                      # ShapeDtypeStructs
   state_shardings: TrainState
   batch_sharding: NamedSharding
@@ -51,7 +50,8 @@ class Setup(NamedTuple):
   loss_and_grads: Callable                        # (state, tokens) -> (loss, metrics, grads)
 
 
-def _new_state(cfg: ModelConfig, tx, key):
+def new_state(cfg: ModelConfig, tx, key):
+  """(graphdef, TrainState at step 0) of a freshly initialized model."""
   graphdef, params, extra = nnx.split(Transformer(cfg, key), nnx.Param, ...)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, extra,
                               tx.init(params))
@@ -75,7 +75,7 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
 
   def new(key):
     nonlocal graphdef
-    graphdef, state = _new_state(cfg, tx, key)
+    graphdef, state = new_state(cfg, tx, key)
     return state
 
   abstract = jax.eval_shape(new, jax.random.key(0))  # also sets graphdef
@@ -139,7 +139,7 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     call.lower = lower
     return call
 
-  return Setup(mesh, graphdef, abstract, state_shardings, batch_sharding,
+  return Setup(mesh, abstract, state_shardings, batch_sharding,
                under_mesh(init), under_mesh(jit_train), under_mesh(jit_eval),
                under_mesh(jit_grads))
 
@@ -250,7 +250,7 @@ def _per_process(obj) -> list:
 
 def _own_iterator_state(data_state: dict, step: int) -> dict:
   """This process's data-iterator state from a checkpoint's data item."""
-  states = data_state.get('iterators') or [data_state['iterator']]
+  states = data_state['iterators']
   if len(states) != jax.process_count():
     raise CheckpointError(
         f'checkpoint step {step} was written by {len(states)} process(es) and '
@@ -355,8 +355,7 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
 
   def next_batch():
     local = next(train_it)
-    progress['data_crc'] = zlib.crc32(np.ascontiguousarray(local).tobytes(),
-                                      progress['data_crc'])
+    progress['data_crc'] = zlib.crc32(np.ascontiguousarray(local), progress['data_crc'])
     return data.global_batch(local, s.batch_sharding)
 
   def save(at_step: int) -> None:

@@ -48,19 +48,11 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
+from moe.checkpoint import Checkpointer, checkpoint_steps
 from moe.config import ConfigError, ModelConfig
 
 TRUNK_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'head_dim',
                 'mlp_dim', 'rope_theta')
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Committed checkpoint steps of a run's workdir (local or gs://)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = epath.Path(workdir) / 'checkpoints'
-  if not directory.is_dir():
-    return []
-  return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -148,27 +140,20 @@ def upcycle_params(dense: dict, moe: dict, cfg: ModelConfig) -> dict:
 def restore_dense(init_from: str, mesh, *, fsdp: bool = False):
   """(step, params, dense ModelConfig) of the newest checkpoint of the dense
   run `init_from`, laid out on `mesh`. Read-only: never touches that run."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from moe import run_config, train_lib  # pylint: disable=g-import-not-at-top
   dense_config = load_run_config(init_from)
   dense = run_config.model_config(dense_config)
   tx = train_lib.make_optimizer(dense_config.optimizer, dense_config.num_steps)
   s = train_lib.setup(dense, tx, mesh, fsdp=fsdp)
-  target = jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      s.abstract_state, s.state_shardings)
-  manager = ocp.CheckpointManager(
-      epath.Path(init_from) / 'checkpoints',
-      options=ocp.CheckpointManagerOptions(read_only=True))
+  ckpt = Checkpointer(str(epath.Path(init_from) / 'checkpoints'), read_only=True)
   try:
-    step = manager.latest_step()
-    if step is None:
+    steps = ckpt.all_steps()
+    if not steps:
       raise ConfigError(f'init_from={init_from!r} has no checkpoints.')
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+    state, _ = ckpt.restore(steps[-1], s.abstract_state, s.state_shardings)
   finally:
-    manager.close()
-  return step, out.state.params, dense
+    ckpt.close()
+  return steps[-1], state.params, dense
 
 
 def upcycle_state(config, s, state):

@@ -1,6 +1,7 @@
 """Benchmarks: MoE overhead, throughput against the dense twin, expert-count
 scaling, MFU, compile time and memory. One process, variants interleaved,
-compile time excluded from step times, medians over --steps timed steps.
+compile time excluded from step times, medians over at least --steps timed
+steps per variant.
 
   python scripts/bench.py --out bench.json            # default CPU Switch config
   python scripts/bench.py --config configs/switch.py:cpu --steps 20 --out b.json
@@ -29,12 +30,13 @@ _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds per variant.')
 
 
 def _median_times(fns: dict, steps: int, rounds: int) -> dict:
-  """Median seconds per call of each fn, variants interleaved round-robin."""
+  """Median seconds per call of each fn over at least `steps` timed calls,
+  variants interleaved round-robin."""
   import numpy as np
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      for _ in range(max(steps // rounds, 1)):
+      for _ in range(-(-steps // rounds)):
         t = time.perf_counter()
         fn()
         times[name].append(time.perf_counter() - t)
@@ -55,37 +57,35 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
   m = model_cfg.moe
   x = jax.random.normal(jax.random.key(1), (batch, seq_len, model_cfg.d_model))
 
-  def timed(module, call):
+  def timed(module, call, inputs):
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
-    def loss(params, x):
-      return jnp.sum(call(nnx.merge(graphdef, params, rest), x) ** 2)
+    def loss(params, inputs):
+      return jnp.sum(call(nnx.merge(graphdef, params, rest), inputs) ** 2)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    jax.block_until_ready(step(params, x))      # compile, not timed
-    return lambda: jax.block_until_ready(step(params, x))
+    jax.block_until_ready(step(params, inputs))      # compile, not timed
+    return lambda: jax.block_until_ready(step(params, inputs))
 
-  fns = {}
+  fns, layers = {}, {}
   for path in ('einsum', 'gather', 'dropless'):
     cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(
         m, dispatch=path, train_capacity_factor=1.25))
-    layer = MoeFeedForward(cfg, jax.random.key(0))
-    fns[path] = timed(layer, lambda mod, x: mod(x, train=True)[0])
+    layers[path] = MoeFeedForward(cfg, jax.random.key(0))
+    fns[path] = timed(layers[path], lambda mod, x: mod(x, train=True)[0], x)
 
   # The expert FFN alone on full cf-1.25 buffers [G, E, C, D]: what the
   # capacity paths cost before any routing or dispatch.
-  spg = layer.seqs_per_group(batch, seq_len)
+  spg = layers['gather'].seqs_per_group(batch, seq_len)
   buffers = jax.random.normal(jax.random.key(2), (
       batch // spg, m.num_experts, m.capacity(spg * seq_len, True, 1.25),
       model_cfg.d_model))
-  weights = dispatch.ExpertWeights(layer.w_gate[...], layer.w_up[...], layer.w_down[...])
-  experts = jax.jit(jax.value_and_grad(
-      lambda w, xe: jnp.sum(dispatch.expert_ffn(xe, w, layer.dtype) ** 2), argnums=(0, 1)))
-  jax.block_until_ready(experts(weights, buffers))   # compile, not timed
-  fns['experts_only'] = lambda: jax.block_until_ready(experts(weights, buffers))
+  fns['experts_only'] = timed(layers['gather'], lambda mod, xe: dispatch.expert_ffn(
+      xe, dispatch.ExpertWeights(mod.w_gate[...], mod.w_up[...], mod.w_down[...]),
+      mod.dtype), buffers)
   dense = Mlp(model_cfg.d_model, m.top_k * m.expert_dim, model_cfg.dtype,
               jax.random.key(0))
-  fns['dense_active'] = timed(dense, lambda mod, x: mod(x))
+  fns['dense_active'] = timed(dense, lambda mod, x: mod(x), x)
   return fns
 
 
@@ -124,8 +124,6 @@ def main(argv):
   from moe import metrics, run_config
 
   config = _CONFIG.value
-  with config.unlocked():
-    config.model.vocab_size = config.model.vocab_size or 384
   moe_cfg = run_config.model_config(config)
   dense_cfg = moe_cfg.dense_twin_total()
   active_cfg = moe_cfg.dense_twin_active()
@@ -142,15 +140,15 @@ def main(argv):
   # Model throughput, expert scaling and MFU on the real train step.
   # The dense twin with the MoE's active FLOPs bounds what the MoE's MFU can
   # be at this model size (the same attention, norms and small matmuls).
-  variants = {'moe': moe_cfg, 'dense_total': dense_cfg, 'dense_active': active_cfg}
-  for e in (8, 64):
-    variants[f'e{e}'] = dataclasses.replace(
-        moe_cfg, moe=dataclasses.replace(moe_cfg.moe, num_experts=e))
-  if moe_cfg.moe.num_experts == 8:
-    variants.pop('e8')                      # the same model as 'moe'
+  def with_experts(e):
+    return dataclasses.replace(moe_cfg, moe=dataclasses.replace(moe_cfg.moe, num_experts=e))
+
+  variants = {'moe': moe_cfg, 'dense_total': dense_cfg, 'dense_active': active_cfg,
+              'e64': with_experts(64)}
+  if moe_cfg.moe.num_experts != 8:          # else 'moe' is the 8-expert model
+    variants['e8'] = with_experts(8)
   built = {name: _step_fn(config, cfg) for name, cfg in variants.items()}
   step = _median_times({n: b[0] for n, b in built.items()}, steps, rounds)
-  step.setdefault('e8', step['moe'])
   tokens = config.batch_size * config.seq_len
   flops = {n: variants[n].flops_per_token(config.seq_len) * tokens / step[n]
            for n in variants}
@@ -164,7 +162,7 @@ def main(argv):
       'throughput_ratio_vs_dense_total': step['dense_total'] / step['moe'],
       'analytic_flop_ratio': (dense_cfg.flops_per_token(config.seq_len)
                               / moe_cfg.flops_per_token(config.seq_len)),
-      'expert_scaling_64_over_8': step['e64'] / step['e8'],
+      'expert_scaling_64_over_8': step['e64'] / step.get('e8', step['moe']),
       'matmul_peak_gflops': peak / 1e9,
       'mfu_dense': flops['dense_total'] / peak,
       'mfu_moe': flops['moe'] / peak,
@@ -173,6 +171,11 @@ def main(argv):
       'time_to_first_step_s': built['moe'][1],
       'peak_memory_mb': metrics.peak_memory_mb(built['moe'][2]),
   }
+  if config.peak_flops_per_device:        # the datasheet peak, beside the measured one
+    declared = config.peak_flops_per_device
+    result.update(declared_peak_gflops=declared / 1e9,
+                  mfu_dense_vs_declared=flops['dense_total'] / declared,
+                  mfu_moe_vs_declared=flops['moe'] / declared)
   result['mfu_moe_over_dense'] = result['mfu_moe'] / result['mfu_dense']
   result['throughput_over_analytic'] = (result['throughput_ratio_vs_dense_total']
                                         / result['analytic_flop_ratio'])
@@ -193,6 +196,9 @@ def main(argv):
       ('peak memory (MiB)', result['peak_memory_mb'], ''),
       ('matmul peak (GFLOP/s)', result['matmul_peak_gflops'], ''),
   ]
+  if 'declared_peak_gflops' in result:
+    rows += [('dense MFU vs declared peak', result['mfu_dense_vs_declared'], ''),
+             ('MoE MFU vs declared peak', result['mfu_moe_vs_declared'], '')]
   print(f"\n{result['device']}: {result['config']}\n")
   print('| figure | measured | target |\n|---|---|---|')
   for name, value, target in rows:

@@ -10,6 +10,7 @@ plots. Re-running resumes unfinished runs and skips finished ones;
 """
 
 import os
+import shlex
 import sys
 
 from absl import app, flags
@@ -30,11 +31,12 @@ def main(argv):
   del argv
   from moe.run_config import quiet_logs
   quiet_logs()
+  import jax
   from moe import checkpoint, report, run_config, train_lib
-  runs = run_config.dense_twins(_CONFIG.value)
   if not _REPORT_ONLY.value:
+    runs = run_config.dense_twins(_CONFIG.value)
     for config in runs.values():  # refuse any bad config before training one
-      run_config.validate(config, _num_devices())
+      run_config.validate(config, jax.device_count())
     for name, config in runs.items():
       workdir = os.path.join(_WORKDIR.value, name)
       done = checkpoint.latest_step(workdir)
@@ -42,13 +44,8 @@ def main(argv):
         print(f'{name}: finished ({done} steps), skipping')
         continue
       print(f'{name}: training to step {config.num_steps} in {workdir}')
-      train_lib.train(config, workdir, command=' '.join(sys.argv))
+      train_lib.train(config, workdir, command=shlex.join(sys.argv))
   print('report:', report.write_report(_WORKDIR.value))
-
-
-def _num_devices():
-  import jax
-  return jax.device_count()
 
 
 if __name__ == '__main__':

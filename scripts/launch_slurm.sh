@@ -29,33 +29,7 @@
 # train.py saves a checkpoint and exits 0; rerunning (or --requeue) resumes.
 set -euo pipefail
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
-die() { echo "launch_slurm.sh: $*" >&2; exit 2; }
-
-# Shell-quotes one word only where needed (readable, and exact for bash).
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ "$1" != *\'* ]]; then
-    printf "'%s'" "$1"
-  elif [[ "$1" != *[\"\$\`\\!]* ]]; then
-    printf '"%s"' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-# Words joined for bash; --name=value words keep --name= outside the quotes.
-join_quoted() {
-  local out='' w
-  for w in "$@"; do
-    if [[ "$w" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      out+="${out:+ }${BASH_REMATCH[1]}$(q "${BASH_REMATCH[2]}")"
-    else
-      out+="${out:+ }$(q "$w")"
-    fi
-  done
-  printf '%s' "$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"   # usage, die, q, join_quoted
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORKDIR='' DATA_DIR='' NODES=1 GPUS=8 PER=gpu PARTITION='' ACCOUNT='' TIME=''

@@ -25,33 +25,7 @@
 #   --dry_run                   print exactly the command, run nothing (also DRY_RUN=1)
 set -euo pipefail
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
-die() { echo "launch_tpu.sh: $*" >&2; exit 2; }
-
-# Shell-quotes one word only where needed (readable, and exact for bash).
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ "$1" != *\'* ]]; then
-    printf "'%s'" "$1"
-  elif [[ "$1" != *[\"\$\`\\!]* ]]; then
-    printf '"%s"' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-# Words joined for bash; --name=value words keep --name= outside the quotes.
-join_quoted() {
-  local out='' w
-  for w in "$@"; do
-    if [[ "$w" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      out+="${out:+ }${BASH_REMATCH[1]}$(q "${BASH_REMATCH[2]}")"
-    else
-      out+="${out:+ }$(q "$w")"
-    fi
-  done
-  printf '%s' "$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"   # usage, die, q, join_quoted
 
 TPU='' ZONE='' PROJECT='' WORKDIR='' DATA_DIR='' REPO_DIR='moe' PYTHON='python3'
 SETUP='' EVAL=0 DRY_RUN="${DRY_RUN:-0}"

@@ -69,7 +69,7 @@ sys.path.insert(0, ROOT)  # configs/
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg], e.g. configs/sweeps/experts.py.')
 _WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Runs and results (default runs/sweeps/<sweep file name>).')
+                               'Runs and results (default runs/sweeps/<sweep file name>[_<variant>]).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local runs at a time (subprocesses).')
 _LAUNCHER = flags.DEFINE_enum('launcher', 'local', ['local', 'print', 'tpu', 'slurm'],
                               'Where runs go.')
@@ -88,7 +88,7 @@ _X = flags.DEFINE_string('x', None, 'Swept key on the x axis (default: the first
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only rebuild the results.')
 _RESULTS_DIR = flags.DEFINE_string(
     'results_dir', None, 'Where results.csv/.md and the plot go (default: '
-    '--workdir; runs/sweeps/<sweep name> when --workdir is gs://).')
+    '--workdir; runs/sweeps/<sweep file name>[_<variant>] when --workdir is gs://).')
 _PYTHON = flags.DEFINE_string('python', sys.executable, 'Python for local runs.')
 
 
@@ -272,8 +272,8 @@ def join(workdir: str, name: str) -> str:
 # --- Run state ----------------------------------------------------------------------------
 
 def _steps(run_dir: str) -> list[int]:
-  from moe import upcycle  # pylint: disable=g-import-not-at-top
-  return upcycle.checkpoint_steps(run_dir)
+  from moe import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.checkpoint_steps(run_dir)
 
 
 def _read_json(path: str):
@@ -518,8 +518,11 @@ def _main() -> int:
   from moe import run_config  # pylint: disable=g-import-not-at-top
   from moe.config import ConfigError  # pylint: disable=g-import-not-at-top
   sweep_spec = _SWEEP.value
-  title = os.path.basename(sweep_spec.partition(':')[0])[:-3]
-  workdir = _WORKDIR.value or os.path.join('runs', 'sweeps', title)
+  path, _, arg = sweep_spec.partition(':')
+  title = os.path.basename(path)[:-3]
+  # The variant is part of the local directory: two variants never share one.
+  local_dir = os.path.join('runs', 'sweeps', title + (f'_{arg}' if arg else ''))
+  workdir = _WORKDIR.value or local_dir
   sweep = load_sweep(sweep_spec)
   base = load_config(sweep['config'])
   runs = expand(sweep, parse_set(base, _SET.value))
@@ -622,7 +625,7 @@ def _main() -> int:
             file=sys.stderr)
       rows.append({'run': run.name, 'status': 'unreadable', **run.values})
   results_dir = _RESULTS_DIR.value or (
-      os.path.join('runs', 'sweeps', title) if '://' in workdir else workdir)
+      local_dir if '://' in workdir else workdir)
   paths = write_results(rows, results_dir, swept, _METRIC.value, _X.value, title)
   print('results:', ', '.join(paths.values()))
   unfinished = [r['run'] for r in rows if r['status'] != 'finished']

@@ -20,16 +20,8 @@ EOS = data.ByteTokenizer.eos_id
 
 
 @pytest.fixture(scope='module')
-def stdlib_dir(tmp_path_factory):
-  """The whole standard library, built once into a temporary data_dir."""
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.prepare(data.DataConfig(data_dir=data_dir))
-  return data_dir
-
-
-@pytest.fixture(scope='module')
-def stdlib_cfg(stdlib_dir):
-  return data.DataConfig(data_dir=stdlib_dir)
+def stdlib_cfg(data_dir):
+  return data.DataConfig(data_dir=data_dir)
 
 
 def _write_corpus(root, docs):
@@ -73,11 +65,11 @@ def _first_epoch(it, batches=40) -> list[bytes]:
 
 # --- Builders ----------------------------------------------------------------
 
-def test_stdlib_builder_reads_back_without_tensorflow(stdlib_cfg, stdlib_dir):
+def test_stdlib_builder_reads_back_without_tensorflow(stdlib_cfg, data_dir):
   builder = data.prepare(stdlib_cfg)
   assert builder.info.file_format.value == 'array_record'
   # Through TFDS's own entry points, by name and by directory.
-  by_name = tfds.data_source('python_stdlib', data_dir=stdlib_dir,
+  by_name = tfds.data_source('python_stdlib', data_dir=data_dir,
                              download=False)
   by_dir = tfds.builder_from_directory(builder.data_dir).as_data_source()
   files = data_builders.stdlib_files()
@@ -125,7 +117,10 @@ def test_text_files_builder(corpus, tmp_path):
   assert got == docs
   val = {ex['path'].decode() for ex in source['validation']}
   assert val and len(val) < len(docs)
-  assert data.prepare(cfg).data_dir == builder.data_dir  # reused, not rebuilt
+  info = os.path.join(builder.data_dir, 'dataset_info.json')
+  built_at = os.stat(info).st_mtime_ns
+  assert data.prepare(cfg).data_dir == builder.data_dir
+  assert os.stat(info).st_mtime_ns == built_at                 # reused, not rebuilt
   # A glob, with a non-UTF-8 file, an empty file (skipped) and a single file
   # per validation fallback.
   root = str(tmp_path / 'c')

@@ -173,3 +173,17 @@ def test_sweep_hands_runs_to_the_launchers(tmp_path):
   assert proc.stdout.count('#SBATCH --job-name=routers-router=') == 3
   assert 'eval.py' not in proc.stdout
   assert not os.path.exists(tmp_path / 'sw')   # a dry run writes nothing
+
+
+@pytest.mark.parametrize('script', [TPU, SLURM])
+def test_help_prints_the_header_comment_and_nothing_else(script):
+  proc = _run(script, '--help')
+  assert proc.returncode == 0, proc.stderr
+  with open(script) as f:
+    lines = f.read().split('\n')[1:]
+  header = lines[:next(i for i, l in enumerate(lines) if not l.startswith('#'))]
+  assert proc.stdout.split('\n')[:-1] == [l[2:] for l in header]
+  assert '--dry_run' in proc.stdout and 'set -euo' not in proc.stdout
+  bad = _run(script, '--bogus')
+  assert bad.returncode == 2
+  assert bad.stderr.startswith(os.path.basename(script) + ': unknown option --bogus')

@@ -156,15 +156,10 @@ def test_disabled_writer_writes_nothing(tmp_path):
   assert not os.path.exists(workdir)
 
 
-def test_nonfinite_is_logged_and_caught(tmp_path):
+def test_nonfinite_metrics_are_logged(tmp_path):
   workdir = str(tmp_path)
   bad = {'loss': jnp.float32(jnp.nan), 'grad_norm': np.inf, 'lr': 1e-3,
          'router': hand_stats()._replace(z_loss=np.array([1.0, -np.inf]))}
-  assert M.nonfinite(bad) == ['loss', 'grad_norm', 'router/z_loss']
-  with pytest.raises(FloatingPointError, match=r'step 7.*loss=nan.*grad_norm=inf'):
-    M.check_finite(bad, step=7)
-  M.check_finite({'loss': 1.0, 'router': hand_stats()}, step=7)   # no error
-
   with M.MetricWriter(workdir, enabled=True, total_steps=3, progress=False) as w:
     w.write(1, bad)                                                 # no crash
   (line,) = read_jsonl(workdir)

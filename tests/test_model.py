@@ -82,7 +82,6 @@ def _size(tree):
     ('moe_every_1', _cfg(moe_every=1)),
     ('moe_every_2', _cfg(moe_every=2)),
     ('shared', _cfg(moe_every=1, num_shared_experts=2, top_k=2)),
-    ('balance_bias', _cfg(moe_every=2, balance_bias_rate=0.01)),
 ])
 def test_num_params_equals_built_model(name, cfg):
   model = nnx.eval_shape(lambda: Transformer(cfg, jax.random.key(0)))

@@ -52,7 +52,7 @@ def _set(c, **moe):
 def test_memory_estimate_matches_the_compiler(name):
   """Plan total (params + optimizer + gradients + activations + batch) vs
   XLA's memory analysis of the same jitted train step (arguments + outputs
-  - donated aliases + temporaries): within 20%. Measured: -4% to -7%."""
+  - donated aliases + temporaries): within 20%. Measured: +5% to +9%."""
   c = LAYOUTS[name]()
   p = plan.make_plan(c)
   xla = plan.compiled_bytes(c)
@@ -75,7 +75,7 @@ def test_state_bytes_equal_the_real_sharded_state():
   assert p.param_bytes == sharding.bytes_per_device(state.params)
   assert p.optimizer_bytes == (sharding.bytes_per_device(state.opt_state)
                                + sharding.bytes_per_device(state.extra))
-  assert p.num_params == run.model.num_params
+  assert p.num_params == sum(x.size for x in jax.tree.leaves(state.params))
 
 
 def test_plan_for_a_mesh_larger_than_the_machine():

@@ -41,8 +41,9 @@ from moe import data, run_config, sharding, train_lib
 from moe.checkpoint import Checkpointer, CheckpointError
 from moe.config import ConfigError
 
-import reliability_worker
+from moe.checkpoint import checkpoint_steps
 from reliability_worker import tiny_config
+from tiny import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', 'reliability_worker.py')
@@ -51,13 +52,6 @@ NUM_STEPS = 6
 
 
 # --- Fixtures and helpers ------------------------------------------------------------
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  data.prepare(data.DataConfig(data_dir=d))
-  return d
-
 
 @pytest.fixture(scope='session')
 def xla_cache(tmp_path_factory):
@@ -111,19 +105,8 @@ def run(workdir, data_dir, cache, overrides, *flags, expect_rc=0) -> str:
   return out
 
 
-def read_lines(workdir, complete_only=False):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = f.read().split('\n')
-  if complete_only:
-    lines = lines[:-1]
-  return [json.loads(l) for l in lines if l.strip()]
-
-
 def train_lines(workdir):
-  return [l for l in read_lines(workdir) if 'loss' in l]
+  return [l for l in read_jsonl(workdir) if 'loss' in l]
 
 
 def by_step(workdir, last=False) -> dict:
@@ -141,15 +124,10 @@ def by_step(workdir, last=False) -> dict:
 
 def eval_loss(workdir, step):
   """The eval loss logged at `step` (the same each time it was logged)."""
-  losses = {l['eval/loss'] for l in read_lines(workdir)
+  losses = {l['eval/loss'] for l in read_jsonl(workdir)
             if 'eval/loss' in l and l['step'] == step}
   assert len(losses) == 1, losses
   return losses.pop()
-
-
-def committed(workdir):
-  root = os.path.join(workdir, 'checkpoints')
-  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
 
 
 def tmp_dirs(workdir):
@@ -183,7 +161,7 @@ def wait_for_step(workdir, step, workers, timeout=180):
       if w.proc.poll() is not None:
         pytest.fail(f'worker exited early (rc={w.proc.returncode}):\n'
                     f'{w.output()[-4000:]}')
-    lines = [l for l in read_lines(workdir, complete_only=True) if 'loss' in l]
+    lines = [l for l in read_jsonl(workdir, complete_lines_only=True) if 'loss' in l]
     if lines and lines[-1]['step'] >= step:
       return
     time.sleep(0.05)
@@ -195,7 +173,7 @@ def straight(data_dir, xla_cache, tmp_path_factory):
   """The uninterrupted reference: 6 steps in one process (4 devices)."""
   workdir = str(tmp_path_factory.mktemp('straight') / 'run')
   out = run(workdir, data_dir, xla_cache, MESH4)
-  assert committed(workdir) == [2, 4, 6], out[-3000:]
+  assert checkpoint_steps(workdir) == [2, 4, 6], out[-3000:]
   return {'workdir': workdir, 'steps': by_step(workdir),
           'final': state_arrays(os.path.join(workdir, 'checkpoints', '6')),
           'eval': eval_loss(workdir, NUM_STEPS)}
@@ -224,7 +202,7 @@ def test_exact_resume_in_a_fresh_process(straight, data_dir, xla_cache, tmp_path
   workdir = str(tmp_path / 'run')
   out = run(workdir, data_dir, xla_cache, MESH4, '--sigterm_at_step', 3)
   assert 'preempted: saving step 3 and exiting' in out
-  assert committed(workdir) == [2, 3]
+  assert checkpoint_steps(workdir) == [2, 3]
   assert [l['step'] for l in train_lines(workdir)] == [1, 2, 3]
 
   out = run(workdir, data_dir, xla_cache, MESH4)
@@ -244,7 +222,7 @@ def test_crash_resumes_from_the_last_committed_checkpoint(
     where, flags, straight, data_dir, xla_cache, tmp_path):
   workdir = str(tmp_path / 'run')
   run(workdir, data_dir, xla_cache, MESH4, *flags, expect_rc=-signal.SIGKILL)
-  assert committed(workdir) == [2]
+  assert checkpoint_steps(workdir) == [2]
   if where == 'async_save':
     # Step 4's files were written but never committed.
     partial = tmp_dirs(workdir)
@@ -253,7 +231,7 @@ def test_crash_resumes_from_the_last_committed_checkpoint(
   out = run(workdir, data_dir, xla_cache, MESH4)
   assert 'resumed from step 2' in out
   assert not tmp_dirs(workdir)                 # the partial save is cleaned up
-  assert committed(workdir) == [2, 4, 6]
+  assert checkpoint_steps(workdir) == [2, 4, 6]
   assert_matches_straight(workdir, straight)   # steps 3.. re-run identically
 
 
@@ -276,7 +254,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_0(
   assert 'SIGTERM' in out
   last = train_lines(workdir)[-1]['step']
   assert 2 <= last < NUM_STEPS, last
-  assert committed(workdir) == [last]          # saved the step it stopped at
+  assert checkpoint_steps(workdir) == [last]          # saved the step it stopped at
   assert f'preempted: saving step {last} and exiting' in out
 
   out = run(workdir, data_dir, xla_cache, overrides)
@@ -330,7 +308,7 @@ def test_sigterm_to_one_of_two_processes(data_dir, xla_cache, tmp_path):
   step = done[0]
   for i, o in enumerate(outs):
     assert f'[process={i}][thread=MainThread] Reached preemption sync point, step={step}' in o
-  assert committed(workdir) == [step]
+  assert checkpoint_steps(workdir) == [step]
   assert train_lines(workdir)[-1]['step'] == step
   timing = re.findall(r'preemption check ([\d.]+) us/step', outs[0])
   print(f'preempted at step {step}; preemption check (2 processes): {timing} us/step')
@@ -470,7 +448,7 @@ def test_nonfinite_skip(data_dir, tmp_path, monkeypatch, caplog):
   assert 'skipping it (nonfinite=skip)' in warnings[0]
   # The skipped steps left the state as it was; no checkpoint holds a NaN.
   ck = {s: state_arrays(os.path.join(workdir, 'checkpoints', str(s)))
-        for s in committed(workdir)}
+        for s in checkpoint_steps(workdir)}
   assert sorted(ck) == [1, 2, 3, 4, 5]
   assert all(_all_finite(a) for a in ck.values())
   def same(a, b):   # params, optimizer state, balance bias: all but the step
@@ -488,7 +466,7 @@ def test_nonfinite_stop(data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   with pytest.raises(FloatingPointError, match=r'at step 4 .*nonfinite=stop'):
     train_lib.train(c, workdir)
-  assert committed(workdir) == [2]          # step 4 was never saved
+  assert checkpoint_steps(workdir) == [2]          # step 4 was never saved
   assert not tmp_dirs(workdir)
   assert _all_finite(state_arrays(os.path.join(workdir, 'checkpoints', '2')))
   assert [l['step'] for l in train_lines(workdir)] == [1, 2, 3]
@@ -600,7 +578,7 @@ def test_checkpoint_of_another_model_shape_is_refused(expert4_run, tmp_path, mon
   msg = str(e.value)
   assert 'checkpoint step 2' in msg and 'does not match the model config' in msg
   assert re.search(r'checkpoint \([^)]*16[^)]*\) vs config \([^)]*32', msg), msg
-  assert committed(workdir) == [2] and not tmp_dirs(workdir)
+  assert checkpoint_steps(workdir) == [2] and not tmp_dirs(workdir)
 
 
 # --- 7. Damaged checkpoints --------------------------------------------------------------
@@ -629,7 +607,7 @@ def test_damaged_checkpoint_names_the_step(how, straight, data_dir, tmp_path, mo
   with pytest.raises(CheckpointError,
                      match=r'(?s)checkpoint step 6 .* cannot be restored .*restore_fallback=True'):
     train_lib.train(c, workdir)
-  assert committed(workdir) == [2, 4, 6]      # nothing moved or deleted
+  assert checkpoint_steps(workdir) == [2, 4, 6]      # nothing moved or deleted
 
 
 def test_damaged_checkpoint_falls_back_when_configured(straight, data_dir, xla_cache, tmp_path):
@@ -641,7 +619,7 @@ def test_damaged_checkpoint_falls_back_when_configured(straight, data_dir, xla_c
   assert 'resumed from step 4' in out
   (aside,) = glob.glob(os.path.join(workdir, 'checkpoints.damaged.*'))
   assert os.listdir(aside) == ['6']           # kept, out of the way
-  assert committed(workdir) == [2, 4, 6]      # step 6 saved again
+  assert checkpoint_steps(workdir) == [2, 4, 6]      # step 6 saved again
   assert_matches_straight(workdir, straight)
 
 
@@ -672,7 +650,7 @@ def test_restart_from_an_earlier_step_skipping_batches(straight, data_dir, xla_c
   assert 'restarting from step 2' in out
   (aside,) = glob.glob(os.path.join(workdir, 'checkpoints.after_2.*'))
   assert sorted(os.listdir(aside)) == ['4', '6']       # moved, not deleted
-  assert committed(workdir) == [2]
+  assert checkpoint_steps(workdir) == [2]
   assert_bitwise_equal(state_arrays(os.path.join(aside, '6')), straight['final'])
 
   # Nothing was saved since the rewind: the same command resumes from step 2
@@ -680,12 +658,12 @@ def test_restart_from_an_earlier_step_skipping_batches(straight, data_dir, xla_c
   out = run(workdir, data_dir, xla_cache, recipe, '--sigterm_at_step', 4)
   assert 'restore_step=2 was already honoured' in out
   assert 'resumed from step 2' in out
-  assert committed(workdir) == [2, 4]
+  assert checkpoint_steps(workdir) == [2, 4]
   # Step 4 was saved after the skip: the same command resumes from it and
   # does not skip again.
   out = run(workdir, data_dir, xla_cache, recipe)
   assert 'resumed from step 4' in out
-  assert committed(workdir) == [2, 4, 6]
+  assert checkpoint_steps(workdir) == [2, 4, 6]
   assert glob.glob(os.path.join(workdir, 'checkpoints.after_*')) == [aside]
   assert sorted(os.listdir(aside)) == ['4', '6']
 

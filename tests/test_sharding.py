@@ -14,10 +14,9 @@ import pytest
 
 import sharded_setup
 from moe import sharding
-from moe.config import ConfigError, ModelConfig, MoeConfig
+from moe.config import DISPATCHES, ConfigError, ModelConfig, MoeConfig
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
-DISPATCHES = ['einsum', 'gather', 'dropless']
 
 
 def _to_np(tree):

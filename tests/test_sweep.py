@@ -18,8 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from moe import data  # noqa: E402
-
 
 def _load_sweep_module():
   spec = importlib.util.spec_from_file_location(
@@ -87,13 +85,6 @@ def test_bad_sweeps_are_refused():
 
 
 # --- End to end ------------------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  data.prepare(data.DataConfig(data_dir=d))
-  return d
-
 
 def _env():
   """Each run sees ONE CPU device, as on a laptop."""

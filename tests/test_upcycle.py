@@ -22,21 +22,14 @@ from configs import dense as dense_recipe  # noqa: E402
 from configs import switch as switch_recipe  # noqa: E402
 from moe import data, run_config, sharding, train_lib, upcycle  # noqa: E402
 from moe.config import ConfigError  # noqa: E402
-from tiny import shrink_trunk  # noqa: E402
+from tiny import loop_settings, shrink_trunk  # noqa: E402
 
 
 def _tiny(c, data_dir, *, steps):
-  shrink_trunk(c)
+  loop_settings(shrink_trunk(c), data_dir, steps)
   c.batch_size = 8
-  c.num_steps = steps
-  c.log_every = 1
-  c.eval_every = steps
-  c.eval_batches = 1
   c.checkpoint_every = steps
-  c.progress_bar = False
-  c.peak_flops_per_device = 1e12
   c.optimizer.warmup_steps = 0
-  c.data.data_dir = data_dir
   return c
 
 
@@ -58,13 +51,6 @@ def _moe_config(data_dir, init_from, **moe):
   c.mesh = (1, 4, 2)          # another mesh than the dense run's (8, 1, 1)
   c.init_from = init_from
   return c
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  data.prepare(data.DataConfig(data_dir=d))
-  return d
 
 
 @pytest.fixture(scope='module')

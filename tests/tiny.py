@@ -1,4 +1,8 @@
-"""The tiny Transformer trunk the end-to-end tests shrink recipes to."""
+"""What the end-to-end tests share: the tiny Transformer trunk they shrink
+recipes to, the loop settings of a short run, and reading its metrics."""
+
+import json
+import os
 
 
 def shrink_trunk(c, seq_len: int = 32):
@@ -11,3 +15,28 @@ def shrink_trunk(c, seq_len: int = 32):
   c.model.num_layers = 2
   c.model.max_seq_len = c.seq_len = seq_len
   return c
+
+
+def loop_settings(c, data_dir, num_steps=2):
+  """Loop-only settings of a short run: no model or MoE change."""
+  c.data.data_dir = data_dir
+  c.num_steps = num_steps
+  c.log_every = 1
+  c.eval_every = num_steps
+  c.eval_batches = 1
+  c.progress_bar = False
+  c.peak_flops_per_device = 1e12   # declared: no matmul probe
+  return c
+
+
+def read_jsonl(workdir, *, complete_lines_only=False):
+  """metrics.jsonl as dicts ([] before it exists); `complete_lines_only`
+  skips a last line still being written (for polling a running process)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split('\n')
+  if complete_lines_only:
+    lines = lines[:-1]   # after the last newline: empty or partial
+  return [json.loads(line) for line in lines if line.strip()]

@@ -4,7 +4,8 @@ factor 1.0, 1.25 and 2.0 and with the dropless dispatch (a zip), side by side
 measured run.
 
   python scripts/sweep.py --sweep configs/sweeps/capacity.py --workdir runs/sweeps/capacity
-  python scripts/sweep.py --sweep configs/sweeps/capacity.py:short   # 200 steps each
+  python scripts/sweep.py --sweep configs/sweeps/capacity.py:short   # 200 steps each,
+                                                   # in runs/sweeps/capacity_short
 """
 
 

@@ -1,5 +1,5 @@
 """Sweep: number of experts x training capacity factor of the CPU Switch
-recipe (9 runs of configs/switch.py:cpu, 1000 steps each on the embedded corpus).
+recipe (9 runs of configs/switch.py:cpu, 600 steps each on the embedded corpus).
 
   python scripts/sweep.py --sweep configs/sweeps/experts.py --workdir runs/sweeps/experts
   python scripts/sweep.py --sweep configs/sweeps/experts.py --metric eval/loss \\
