@@ -96,21 +96,26 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
 
   def train_step(state: TrainState, tokens):
     loss, metrics, grads = loss_and_grads(state, tokens)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    model = nnx.merge(graphdef, params, state.extra)
-    if 'router' in metrics:
-      model.update_balance_bias(metrics['router'])
-    _, params, extra = nnx.split(model, nnx.Param, ...)
     grad_norm = optax.tree.norm(grads)
-    # A non-finite loss or gradient never reaches the state: the update is
-    # skipped (the loop then goes on or stops, as configured).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new, old = (params, extra, opt_state), (state.params, state.extra, state.opt_state)
-    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      model = nnx.merge(graphdef, optax.apply_updates(state.params, updates), state.extra)
+      if 'router' in metrics:
+        model.update_balance_bias(metrics['router'])
+      _, params, extra = nnx.split(model, nnx.Param, ...)
+      return state._replace(params=params, extra=extra, opt_state=opt_state)
+
+    # A non-finite loss or gradient never reaches the state: the update is
+    # skipped (the loop then goes on or stops, as configured). A cond, as in
+    # optax.apply_if_finite, not a select of new against old: with the
+    # select XLA kept a copy of every optimizer moment alive through the
+    # update (87 state-sized copies a step; 64 experts: 0.266 -> 0.250 s).
+    state = jax.lax.cond(finite, update, lambda state: state, state)
     metrics = dict(metrics, total_loss=loss, grad_norm=grad_norm,
                    update_skipped=jnp.logical_not(finite))
-    return TrainState(state.step + 1, *kept), metrics
+    return state._replace(step=state.step + 1), metrics
 
   def eval_step(state: TrainState, tokens, capacity_factor=None):
     _, metrics = lm_loss(_merge(graphdef, state), tokens, train=False,
