@@ -6,9 +6,11 @@ Three paths behind one interface, `DISPATCHES[name](x, routing, weights, dtype)`
   sharded, the sharding constraints on the expert buffers make the compiler
   insert the all-to-all. Simple, the reference; costs ~4*C*E*d = 4*cf*k*S*d
   extra FLOPs per token.
-* `gather`: index-based. The inverse map slot -> token is built by an integer
-  scatter, tokens are gathered into [G, E, C, D] buffers and gathered back
-  per choice; O(k*d) memory traffic per token, no S-proportional FLOPs.
+* `gather`: index-based. The inverse map slot -> choice is built by an
+  integer scatter, tokens are gathered into [G, E, C, D] buffers and
+  gathered back per choice, and the backward pass gathers too (no
+  scatter-add: moe.row_gather); O(k*d) memory traffic per token, no
+  S-proportional FLOPs.
 
 * `dropless`: no capacity: sort-based block-sparse grouped matmul
   (moe.dropless).
@@ -31,6 +33,7 @@ from moe import sharding
 from moe.dropless import dropless_dispatch
 from moe.layers import swiglu
 from moe.routing import Routing
+from moe.row_gather import gather_rows
 
 
 class ExpertWeights(NamedTuple):
@@ -102,22 +105,21 @@ def einsum_dispatch(x, r: Routing, w: ExpertWeights, dt):
 
 
 def gather_dispatch(x, r: Routing, w: ExpertWeights, dt):
-  """x: [G, S, D] -> [G, S, D] through index gathers."""
+  """x: [G, S, D] -> [G, S, D] through index gathers (and gathers back in
+  the backward pass: moe.row_gather)."""
   g, s, d = x.shape
+  k = r.expert_index.shape[-1]
   e, c = w.w_gate.shape[0], r.capacity
-  flat = jnp.where(r.kept, r.expert_index * c + r.slot, e * c)    # [G, S, K]
-  token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], flat.shape[1:])
-  # slot -> token; empty slots hold the out-of-range index s, which the
-  # gather fills with zeros (as it does for dropped choices' index e*c).
-  slot_token = jax.vmap(
-      lambda f: jnp.full((e * c,), s, jnp.int32).at[f].set(token, mode='drop'))(flat)
-  xe = jnp.take_along_axis(x, slot_token[..., None], axis=1,
-                           mode='fill', fill_value=0)                  # [G, E*C, D]
+  # choice (s, k) -> its slot e*C + c; a dropped choice gets E*C, out of range.
+  slot_of_choice = jnp.where(r.kept, r.expert_index * c + r.slot, e * c).reshape(g, s * k)
+  # slot -> its choice s*K + k; an empty slot gets S*K, out of range.
+  choice_of_slot = jax.vmap(lambda f: jnp.full((e * c,), s * k, jnp.int32).at[f].set(
+      jnp.arange(s * k, dtype=jnp.int32), mode='drop'))(slot_of_choice)    # [G, E*C]
+  token_of_slot = jnp.where(choice_of_slot < s * k, choice_of_slot // k, s)
+  xe = gather_rows(x, token_of_slot, slot_of_choice.reshape(g, s, k))      # [G, E*C, D]
   ye = _experts_all_to_all(xe.reshape(g, e, c, d), w, dt).reshape(g, e * c, d)
-  yk = jnp.take_along_axis(ye, flat.reshape(g, -1)[..., None], axis=1,
-                           mode='fill', fill_value=0)
-  yk = yk.reshape(g, s, -1, d)                                          # [G, S, K, D]
-  return jnp.einsum('GSKD,GSK->GSD', yk, r.gate.astype(dt))
+  yk = gather_rows(ye, slot_of_choice, choice_of_slot[..., None])          # [G, S*K, D]
+  return jnp.einsum('GSKD,GSK->GSD', yk.reshape(g, s, k, d), r.gate.astype(dt))
 
 
 DISPATCHES = {'einsum': einsum_dispatch, 'gather': gather_dispatch,

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from moe import sharding
 from moe.layers import swiglu
 from moe.routing import Routing, rank_within
+from moe.row_gather import gather_rows
 
 
 def tile_size(num_rows: int, num_experts: int) -> int:
@@ -64,13 +65,14 @@ def grouped_ffn(rows, expert_of_row, num_experts: int, w_gate, w_up, w_down, dt)
   dest = jnp.where(key < e, padded_end[expert] - padded[expert] + rank, size)  # [N]
   source = jnp.full(size, n, jnp.int32).at[dest].set(jnp.arange(n, dtype=jnp.int32),
                                                      mode='drop')             # [B*T]
-  # Out-of-range indices (padding slots, skipped rows) read zeros.
-  xb = rows.at[source].get(mode='fill', fill_value=0).reshape(num_tiles, tile, d)  # [B, T, D]
+  # Out-of-range indices (padding slots, skipped rows) read zeros; each map
+  # is the other's inverse, so the backward pass gathers too.
+  xb = gather_rows(rows, source, dest[:, None]).reshape(num_tiles, tile, d)  # [B, T, D]
   tile_expert = jnp.minimum(
       jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side='right'), e - 1)
   yb = jax.vmap(functools.partial(swiglu, dt=dt))(                # [B, T, D]
       xb, w_gate[tile_expert], w_up[tile_expert], w_down[tile_expert])
-  return yb.reshape(size, d).at[dest].get(mode='fill', fill_value=0)           # [N, D]
+  return gather_rows(yb.reshape(size, d), dest, source[:, None])               # [N, D]
 
 
 def _expert_parallel(rows, expert_of_row, num_experts, w, dt):
