@@ -8,7 +8,7 @@ Variants (`--config configs/switch.py:VARIANT`):
        by measurement (docs/performance.md): with MoE every other layer
        the MoE trailed its active-FLOP twin at this scale; with every
        layer it ends within 0.04 nats of it (below in one run,
-       above in another) and well below its matched-total twin.
+       above in two others) and well below its matched-total twin.
          python train.py --config configs/switch.py:cpu --workdir runs/switch
          python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
   gpu  ~490M total parameters (8 experts, d=1024, 8 layers, bf16) for one
@@ -51,7 +51,7 @@ def one_gpu(c):
   c.model.mlp_dim = 4096
   c.model.max_seq_len = 1024
   c.model.dtype = 'bfloat16'
-  c.model.remat = True               # 74 GiB planned without, 8 GiB with
+  c.model.remat = True               # scripts/plan.py: 74 GiB without, 8.3 GiB with
   c.moe.expert_dim = 4096
   c.moe.group_size = 4096
   c.batch_size = 32

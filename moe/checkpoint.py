@@ -75,8 +75,8 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types; name the step, keep the cause
       raise CheckpointError(
           f'checkpoint step {step} in {self.manager.directory} cannot be '
-          f'restored ({type(e).__name__}: {e}); it may be damaged. Set '
-          'restore_fallback=True to fall back to the previous step.') from e
+          f'restored ({type(e).__name__}: {e}); it may be damaged. A training run '
+          'can fall back to the previous step with restore_fallback=True.') from e
     return out.state, out.data
 
   def _check_shapes(self, step: int, target) -> None:

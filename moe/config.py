@@ -95,8 +95,13 @@ class MoeConfig:
 
   def seqs_per_group(self, batch: int, seq_len: int) -> int:
     """Sequences per routing group: group_size // seq_len, at least 1 and at
-    most the batch."""
-    return min(max(self.group_size // seq_len, 1), batch)
+    most the batch; refuses a batch that does not split into such groups."""
+    spg = min(max(self.group_size // seq_len, 1), batch)
+    _check(batch % spg == 0,
+           f'batch of {batch} sequences does not split into routing groups of '
+           f'{spg} sequences (moe.group_size={self.group_size}, seq_len='
+           f'{seq_len}); use a batch that is a multiple of {spg}.')
+    return spg
 
   def capacity(self, group_size: int, train: bool,
                factor: float | str | None = None) -> int:

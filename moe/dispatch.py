@@ -7,7 +7,7 @@ Three paths behind one interface, `DISPATCHES[name](x, routing, weights, dtype)`
   insert the all-to-all. Simple, the reference; costs ~4*C*E*d = 4*cf*k*S*d
   extra FLOPs per token.
 * `gather`: index-based. The inverse map slot -> choice is built by an
-  integer scatter, tokens are gathered into [G, E, C, D] buffers and
+  integer scatter (moe.row_gather.inverse_index), tokens are gathered into [G, E, C, D] buffers and
   gathered back per choice, and the backward pass gathers too (no
   scatter-add: moe.row_gather); O(k*d) memory traffic per token, no
   S-proportional FLOPs.
@@ -33,7 +33,7 @@ from moe import sharding
 from moe.dropless import dropless_dispatch
 from moe.layers import swiglu
 from moe.routing import Routing
-from moe.row_gather import gather_rows
+from moe.row_gather import gather_rows, inverse_index
 
 
 class ExpertWeights(NamedTuple):
@@ -49,13 +49,11 @@ EXPERT_BUFFER = ('expert_group', 'expert', 'capacity', 'act_embed')
 def expert_ffn(xe, w: ExpertWeights, dt):
   """Each expert's SwiGLU on its buffer. xe: [G, E, C, D] -> [G, E, C, D].
 
-  `layers.swiglu` vmapped over experts, on one row axis per expert,
-  [E, G*C, D]: batched matmuls with the expert as their only batch axis.
+  `layers.swiglu` vmapped over experts: per expert one [G*C, D] row matrix,
+  so batched matmuls with the expert as their only batch axis.
   """
-  g, e, c, d = xe.shape
-  rows = xe.transpose(1, 0, 2, 3).reshape(e, g * c, d)            # [E, R, D]
-  y = jax.vmap(functools.partial(swiglu, dt=dt))(rows, *w)        # [E, R, D]
-  return y.reshape(e, g, c, d).transpose(1, 0, 2, 3)
+  return jax.vmap(functools.partial(swiglu, dt=dt), in_axes=(1, 0, 0, 0),
+                  out_axes=1)(xe, *w)
 
 
 def _experts_by_constraint(xe, w, dt):
@@ -112,11 +110,10 @@ def gather_dispatch(x, r: Routing, w: ExpertWeights, dt):
   e, c = w.w_gate.shape[0], r.capacity
   # choice (s, k) -> its slot e*C + c; a dropped choice gets E*C, out of range.
   slot_of_choice = jnp.where(r.kept, r.expert_index * c + r.slot, e * c).reshape(g, s * k)
-  # slot -> its choice s*K + k; an empty slot gets S*K, out of range.
-  choice_of_slot = jax.vmap(lambda f: jnp.full((e * c,), s * k, jnp.int32).at[f].set(
-      jnp.arange(s * k, dtype=jnp.int32), mode='drop'))(slot_of_choice)    # [G, E*C]
-  token_of_slot = jnp.where(choice_of_slot < s * k, choice_of_slot // k, s)
-  xe = gather_rows(x, token_of_slot, slot_of_choice.reshape(g, s, k))      # [G, E*C, D]
+  # slot -> its choice s*K + k; an empty slot gets S*K, whose token S is out
+  # of range too.
+  choice_of_slot = inverse_index(slot_of_choice, e * c)                    # [G, E*C]
+  xe = gather_rows(x, choice_of_slot // k, slot_of_choice.reshape(g, s, k))  # [G, E*C, D]
   ye = _experts_all_to_all(xe.reshape(g, e, c, d), w, dt).reshape(g, e * c, d)
   yk = gather_rows(ye, slot_of_choice, choice_of_slot[..., None])          # [G, S*K, D]
   return jnp.einsum('GSKD,GSK->GSD', yk.reshape(g, s, k, d), r.gate.astype(dt))

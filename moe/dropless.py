@@ -3,20 +3,21 @@ routing, with static shapes under jit (MegaBlocks-style block-sparse
 grouped matmul in plain JAX).
 
 Grouped matmul (`grouped_ffn`), for N rows each assigned to one of E experts:
-  1. sort rows by expert (stable);
+  1. rank rows within their expert (stable, `routing.rank_within`);
   2. pad each expert's run of rows to a multiple of the tile T and lay the runs
-     one after another in a buffer of B = ceil((N + E*(T-1)) / T) tiles, a
+     one after another in a buffer of B = floor((N + E*(T-1)) / T) + 1 tiles, a
      static bound that holds for ANY assignment (all rows to one expert
      included);
   3. each tile belongs to one expert: gather that expert's weights per tile and
      run the SwiGLU as a batched matmul [B, T, D] x [B, D, F];
-  4. scatter the rows back to their original order.
+  4. gather the rows back into their original order (the backward pass
+     gathers too: moe.row_gather).
 Padding costs at most E*(T-1) rows: T is chosen so that this stays <= 1/4 of N
-(T = clamp(2^floor(log2(N / 4E)), 8, 512)), the buffer bound of capacity
-factor 1.25. Small tiles cost more than their padding saves: each tile
-gathers its expert's weights and scatter-adds their gradients. On the CPU
-bench's layer (N = 2,048, E = 8) tiles of 32, 64, 128 and 256 rows cost
-5.3, 4.0, 3.7 and 4.3x the dense-active layer. `jax.lax.ragged_dot` computes the
+(T = clamp(2^floor(log2(N / 4E)), 8, 512); from N >= 32E on), the buffer
+bound of capacity factor 1.25. Small tiles cost more than their padding
+saves: each tile gathers its expert's weights and scatter-adds their
+gradients (on the CPU bench, 64-row tiles made the dropless layer ~1.2x
+faster than 32-row ones; docs/performance.md). `jax.lax.ragged_dot` computes the
 same product but ran an order of magnitude slower than a dense matmul of
 the active size on XLA:CPU (jax 0.10), so it is not used.
 
@@ -41,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from moe import sharding
 from moe.layers import swiglu
 from moe.routing import Routing, rank_within
-from moe.row_gather import gather_rows
+from moe.row_gather import gather_rows, inverse_index
 
 
 def tile_size(num_rows: int, num_experts: int) -> int:
@@ -67,8 +68,7 @@ def grouped_ffn(rows, expert_of_row, num_experts: int, w_gate, w_up, w_down, dt)
   expert = jnp.minimum(key, e - 1)
   # Each row's place in the buffer; skipped rows get `size`, out of range.
   dest = jnp.where(key < e, padded_end[expert] - padded[expert] + rank, size)  # [N]
-  source = jnp.full(size, n, jnp.int32).at[dest].set(jnp.arange(n, dtype=jnp.int32),
-                                                     mode='drop')             # [B*T]
+  source = inverse_index(dest, size)                                       # [B*T]
   # Out-of-range indices (padding slots, skipped rows) read zeros; each map
   # is the other's inverse, so the backward pass gathers too.
   xb = gather_rows(rows, source, dest[:, None]).reshape(num_tiles, tile, d)  # [B, T, D]
@@ -91,17 +91,21 @@ def _expert_parallel(rows, expert_of_row, num_experts, w, dt):
     skip = expert_of_row >= num_experts
     device = jnp.where(skip, shards, expert_of_row // per_shard)             # [N]
     slot, _ = rank_within(device, shards + 1)                                # [N]
-    send = jnp.zeros((shards, n, d), rows.dtype).at[device, slot].set(rows, mode='drop')
-    send_expert = jnp.full((shards, n), per_shard, jnp.int32).at[device, slot].set(
-        (expert_of_row % per_shard).astype(jnp.int32), mode='drop')
-    recv = jax.lax.all_to_all(send, 'expert', 0, 0, tiled=True)              # [shards, N, D]
-    recv_expert = jax.lax.all_to_all(send_expert, 'expert', 0, 0, tiled=True)
+    # Row -> its place device*N + slot in the send buffer (skipped rows: out
+    # of range), and back; both moves gather (moe.row_gather).
+    place = device * n + slot                                                # [N]
+    row_of_place = inverse_index(place, shards * n)                          # [shards*N]
+    send = gather_rows(rows, row_of_place, place[:, None])                   # [shards*N, D]
+    send_expert = jnp.where(row_of_place < n, expert_of_row[row_of_place % n] % per_shard,
+                            per_shard).astype(jnp.int32)                     # [shards*N]
+    recv = jax.lax.all_to_all(send.reshape(shards, n, d), 'expert', 0, 0, tiled=True)
+    recv_expert = jax.lax.all_to_all(send_expert.reshape(shards, n), 'expert', 0, 0,
+                                     tiled=True)                             # [shards, N]
     out = grouped_ffn(recv.reshape(shards * n, d), recv_expert.reshape(-1),
                       per_shard, w_gate, w_up, w_down, dt)
     out = jax.lax.psum(out, 'model').reshape(shards, n, d)
     back = jax.lax.all_to_all(out, 'expert', 0, 0, tiled=True)               # [shards, N, D]
-    back = jnp.concatenate([back, jnp.zeros((1, n, d), back.dtype)])
-    return back[device, slot]                                                # [N, D]
+    return gather_rows(back.reshape(shards * n, d), place, row_of_place[:, None])  # [N, D]
 
   rows_spec = P(sharding.BATCH_AXES, None)
   return jax.shard_map(

@@ -119,9 +119,10 @@ class Mlp(nnx.Module):
 
   def __init__(self, d_model: int, hidden: int, dtype: str, key: jax.Array):
     kg, ku, kd = jax.random.split(key, 3)
-    self.w_gate = sharding.param(fan_in_init(1), kg, (d_model, hidden), ('embed', 'mlp'))
-    self.w_up = sharding.param(fan_in_init(1), ku, (d_model, hidden), ('embed', 'mlp'))
-    self.w_down = sharding.param(fan_in_init(1), kd, (hidden, d_model), ('mlp', 'embed'))
+    init = fan_in_init(1)
+    self.w_gate = sharding.param(init, kg, (d_model, hidden), ('embed', 'mlp'))
+    self.w_up = sharding.param(init, ku, (d_model, hidden), ('embed', 'mlp'))
+    self.w_down = sharding.param(init, kd, (hidden, d_model), ('mlp', 'embed'))
     self.dtype = jnp.dtype(dtype)
 
   def __call__(self, x):  # [B, T, D]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe import dispatch, routing, sharding
-from moe.config import ConfigError, ModelConfig
+from moe.config import ModelConfig
 from moe.layers import Mlp, fan_in_init
 
 
@@ -66,22 +66,15 @@ class MoeFeedForward(nnx.Module):
     self.shared = (Mlp(d, m.num_shared_experts * f, cfg.dtype, ks)
                    if m.num_shared_experts else None)
 
-  def seqs_per_group(self, batch: int, seq_len: int) -> int:
-    """MoeConfig.seqs_per_group; refuses a batch that does not split into groups."""
-    spg = self.cfg.seqs_per_group(batch, seq_len)
-    if batch % spg:
-      raise ConfigError(
-          f'batch of {batch} sequences does not split into routing groups of '
-          f'{spg} sequences (moe.group_size={self.cfg.group_size}, seq_len='
-          f'{seq_len}); use a batch that is a multiple of {spg}.')
-    return spg
+  def expert_weights(self) -> dispatch.ExpertWeights:
+    return dispatch.ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
 
   def __call__(self, x, *, train: bool, rng: jax.Array | None = None,
                capacity_factor: float | str | None = None):
     """x: [B, T, D] -> ([B, T, D], RouterStats). `capacity_factor` overrides
     the configured train/eval factor ('dropless': no token is dropped)."""
     b, t, _ = x.shape
-    spg = self.seqs_per_group(b, t)
+    spg = self.cfg.seqs_per_group(b, t)
     xg = sharding.constrain(to_groups(x, spg), ('group', 'length', 'act_embed'))
     logits = routing.router_logits(xg, self.w_router[...], cfg=self.cfg,
                                    train=train, rng=rng)          # [G, S, E] f32
@@ -89,8 +82,7 @@ class MoeFeedForward(nnx.Module):
     r, stats = routing.route(logits, self.cfg,
                              self.cfg.capacity(xg.shape[1], train, capacity_factor),
                              bias)
-    w = dispatch.ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
-    yg = dispatch.DISPATCHES[self.cfg.dispatch](xg, r, w, self.dtype)
+    yg = dispatch.DISPATCHES[self.cfg.dispatch](xg, r, self.expert_weights(), self.dtype)
     y = from_groups(sharding.constrain(yg, ('group', 'length', 'act_embed')), spg, t)
     if self.shared is not None:
       y = y + self.shared(x)

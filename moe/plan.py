@@ -25,8 +25,8 @@ may be larger than the machine (a 32-device plan on a laptop). Per device:
     the high-water mark of one step if nothing is freed early. Compared in
     tests/test_plan.py with XLA's own figure for the compiled train step of
     `moe.train_lib.setup` (`memory_analysis()`: arguments + outputs -
-    donated aliases + temporaries, what `moe.metrics.peak_memory_mb`
-    reports on CPU), within 20%.
+    donated aliases + temporaries, `moe.metrics.compiled_memory`, what
+    `moe.metrics.peak_memory_mb` reports), within 20%.
 
   Not modelled: FSDP's all-gathered weights (fsdp=True), XLA's own padding
   and fusion choices, and framework/runtime overhead.

@@ -1,7 +1,7 @@
 """Routers: router logits (with training noise) -> a `Routing` assignment.
 
-Every router produces the same token-major `Routing` so both dispatch paths
-take one interface: for each token s of group g and each of its K choices,
+Every router produces the same token-major `Routing` so every dispatch path
+takes one interface: for each token s of group g and each of its K choices,
 the expert, the buffer slot in that expert, whether it was kept, and its gate.
 
 Tokens-choose top-k (Switch k=1, GShard k=2, any k <= E):

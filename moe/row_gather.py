@@ -1,12 +1,12 @@
 """Row gathers whose gradient is a gather too.
 
-The dispatch paths move token rows by index maps that are injective: every
-output row reads at most one input row, and the rows that read a given input
-row are known (a token's k buffer slots; a slot's one token choice). JAX
-transposes a gather into a scatter-add, which XLA:CPU runs as a serial loop
-and which serializes on TPUs; given the inverse map, the backward pass is a
-gather as well (MegaBlocks and MaxText do the same for their token
-permutations).
+The dispatch paths move token rows to places given by an injective map
+(choice -> buffer slot, row -> tile row): each place receives at most one
+row, so the inverse map (`inverse_index`) tells, for every input row, which
+output rows read it (a token's k slots; a slot's one choice). JAX transposes
+a gather into a scatter-add, which XLA:CPU runs as a serial loop and which
+serializes on TPUs; given the inverse map, the backward pass is a gather as
+well (MegaBlocks and MaxText do the same for their token permutations).
 
 Letters: N input rows, M output rows, J readers per input row, D features.
 """
@@ -15,6 +15,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def inverse_index(dest, size: int):
+  """The inverse of an injective map. dest [..., N]: where each of N rows
+  goes, in [0, size) or out of range (nowhere) -> [..., size]: which row
+  comes to each place, N where none does."""
+  n = dest.shape[-1]
+
+  def invert(d):
+    return jnp.full((size,), n, jnp.int32).at[d].set(
+        jnp.arange(n, dtype=jnp.int32), mode='drop')
+
+  return jnp.vectorize(invert, signature='(n)->(m)')(dest)
 
 
 def take_rows(x, index):

@@ -73,8 +73,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # Expert weights (w_gate, w_up, w_down) inside the explicit all-to-all paths:
 # experts over `expert`, the hidden F over `model`, whole over `data` (FSDP's
 # d_model shards are gathered on entry).
-EXPERT_WEIGHT_SPECS = (P('expert', None, 'model'), P('expert', None, 'model'),
-                       P('expert', 'model', None))
+EXPERT_WEIGHT_SPECS = tuple(spec(axes) for axes in (
+    ('expert', None, 'expert_mlp'), ('expert', None, 'expert_mlp'),
+    ('expert', 'expert_mlp', None)))
 
 
 def experts_split() -> bool:
@@ -146,9 +147,9 @@ def validate_layout(cfg: ModelConfig, mesh_shape, *, global_batch: int,
     if m.expert_dim % model:
       errors.append(f'moe.expert_dim={m.expert_dim} is not divisible by the '
                     f'model axis ({model})')
-    spg = m.seqs_per_group(global_batch, seq_len)
+    spg = m.seqs_per_group(global_batch, seq_len)    # refuses a ragged batch
     groups = global_batch // spg
-    if global_batch % spg == 0 and groups % batch_shards:
+    if groups % batch_shards:
       errors.append(f'{groups} routing groups (batch_size={global_batch} / '
                     f'{spg} sequences per group from moe.group_size='
                     f'{m.group_size}) are not divisible by data x expert = '

@@ -70,6 +70,7 @@ def step_rng(seed: int, step) -> jax.Array:
 def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
           seed: int = 0, fsdp: bool = False) -> Setup:
   """Abstract-first init and the jitted steps for `cfg` on `mesh`."""
+  tx = optax.with_extra_args_support(tx)   # the step passes grad_norm=
   # Abstract init: shapes and logical names, no memory.
   graphdef = None
 
@@ -100,7 +101,8 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(state):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                     grad_norm=grad_norm)
       model = nnx.merge(graphdef, optax.apply_updates(state.params, updates), state.extra)
       if 'router' in metrics:
         model.update_balance_bias(metrics['router'])
@@ -172,6 +174,23 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm` that takes the norm from its caller when
+  given (`grad_norm=`). The train step computes that norm anyway, to log it
+  and to skip non-finite steps; computed again inside the update's `cond`,
+  it would be a second pass over every gradient that XLA cannot merge."""
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    keep = norm < max_norm
+    return jax.tree.map(
+        lambda t: jax.lax.select(keep, t, t / norm.astype(t.dtype) * max_norm),
+        updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
   """AdamW (default) or Adafactor, with global-norm clipping."""
   lr = learning_rate_schedule(opt, num_steps)
@@ -181,7 +200,7 @@ def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
   else:
     core = optax.adafactor(lr, weight_decay_rate=opt.weight_decay or None,
                            weight_decay_mask=decay_mask)
-  clip = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
+  clip = [clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
   return optax.chain(*clip, core)
 
 

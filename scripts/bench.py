@@ -7,7 +7,9 @@ steps per variant.
   python scripts/bench.py --config configs/switch.py:cpu --steps 20 --out b.json
 
 Every timed function is the library's own (the MoE layer, the jitted train
-step of moe.train_lib.setup): no benchmark-only code path.
+step of moe.train_lib.setup, and `moe.dispatch.expert_ffn` alone on random
+cf-1.25 buffers as the floor of the capacity paths): no benchmark-only code
+path.
 """
 
 import json
@@ -25,7 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(ROOT, 'configs', 'switch.py:cpu'),
     'The MoE config to measure.', lock_config=True)
 _OUT = flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant (median).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'At least this many timed steps per variant (median).')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds per variant.')
 
 
@@ -76,13 +78,12 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
 
   # The expert FFN alone on full cf-1.25 buffers [G, E, C, D]: what the
   # capacity paths cost before any routing or dispatch.
-  spg = layers['gather'].seqs_per_group(batch, seq_len)
+  spg = m.seqs_per_group(batch, seq_len)
   buffers = jax.random.normal(jax.random.key(2), (
       batch // spg, m.num_experts, m.capacity(spg * seq_len, True, 1.25),
       model_cfg.d_model))
   fns['experts_only'] = timed(layers['gather'], lambda mod, xe: dispatch.expert_ffn(
-      xe, dispatch.ExpertWeights(mod.w_gate[...], mod.w_up[...], mod.w_down[...]),
-      mod.dtype), buffers)
+      xe, mod.expert_weights(), mod.dtype), buffers)
   dense = Mlp(model_cfg.d_model, m.top_k * m.expert_dim, model_cfg.dtype,
               jax.random.key(0))
   fns['dense_active'] = timed(dense, lambda mod, x: mod(x), x)
@@ -143,10 +144,13 @@ def main(argv):
   def with_experts(e):
     return dataclasses.replace(moe_cfg, moe=dataclasses.replace(moe_cfg.moe, num_experts=e))
 
-  variants = {'moe': moe_cfg, 'dense_total': dense_cfg, 'dense_active': active_cfg,
-              'e64': with_experts(64)}
-  if moe_cfg.moe.num_experts != 8:          # else 'moe' is the 8-expert model
-    variants['e8'] = with_experts(8)
+  variants = {'moe': moe_cfg, 'dense_total': dense_cfg, 'dense_active': active_cfg}
+  num_experts = moe_cfg.moe.num_experts
+  variants.update({f'e{e}': with_experts(e) for e in (8, 64) if e != num_experts})
+
+  def at_experts(e):     # step seconds with e experts ('moe' when it has e)
+    return step['moe'] if e == num_experts else step[f'e{e}']
+
   built = {name: _step_fn(config, cfg) for name, cfg in variants.items()}
   step = _median_times({n: b[0] for n, b in built.items()}, steps, rounds)
   tokens = config.batch_size * config.seq_len
@@ -162,7 +166,7 @@ def main(argv):
       'throughput_ratio_vs_dense_total': step['dense_total'] / step['moe'],
       'analytic_flop_ratio': (dense_cfg.flops_per_token(config.seq_len)
                               / moe_cfg.flops_per_token(config.seq_len)),
-      'expert_scaling_64_over_8': step['e64'] / step.get('e8', step['moe']),
+      'expert_scaling_64_over_8': at_experts(64) / at_experts(8),
       'matmul_peak_gflops': peak / 1e9,
       'mfu_dense': flops['dense_total'] / peak,
       'mfu_moe': flops['moe'] / peak,

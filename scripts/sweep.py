@@ -271,11 +271,6 @@ def join(workdir: str, name: str) -> str:
 
 # --- Run state ----------------------------------------------------------------------------
 
-def _steps(run_dir: str) -> list[int]:
-  from moe import checkpoint  # pylint: disable=g-import-not-at-top
-  return checkpoint.checkpoint_steps(run_dir)
-
-
 def _read_json(path: str):
   from etils import epath  # pylint: disable=g-import-not-at-top
   p = epath.Path(path)
@@ -284,8 +279,8 @@ def _read_json(path: str):
 
 def status(run_dir: str, num_steps: int, with_eval: bool) -> tuple[str, int | None]:
   """('finished' | 'eval' | 'resume' | 'new', newest checkpoint step)."""
-  steps = _steps(run_dir)
-  latest = steps[-1] if steps else None
+  from moe import checkpoint  # pylint: disable=g-import-not-at-top
+  latest = checkpoint.latest_step(run_dir)
   if latest is None:
     return 'new', None
   if latest < num_steps:

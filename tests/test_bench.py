@@ -33,11 +33,11 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path):
 
   c = switch.get_config('cpu')
   c.model.num_layers, c.batch_size, c.seq_len, c.model.max_seq_len = 2, 4, 64, 64
-  c.model.vocab_size = 384
   moe = run_config.model_config(c)
   flops = {'moe': moe.flops_per_token(64), 'dense_total': moe.dense_twin_total().flops_per_token(64)}
   assert math.isclose(r['analytic_flop_ratio'], flops['dense_total'] / flops['moe'])
   step = r['step_seconds']
+  assert set(step) == {'moe', 'dense_total', 'dense_active', 'e64'}   # 'moe' has 8 experts
   assert math.isclose(r['throughput_ratio_vs_dense_total'], step['dense_total'] / step['moe'])
   # MFU counts active FLOPs only: FLOPs/token x tokens / step time / peak.
   for name, key in (('moe', 'mfu_moe'), ('dense_total', 'mfu_dense')):

@@ -1,7 +1,6 @@
 """The main job end to end: scripts/compare.py on a tiny config trains the MoE
 and its two dense twins on the same batches and writes the report."""
 
-import json
 import math
 import os
 import re
@@ -18,6 +17,7 @@ sys.path.insert(0, REPO)
 from configs import switch  # noqa: E402
 from moe import report, run_config  # noqa: E402
 from moe.model import Transformer  # noqa: E402
+from tiny import read_jsonl  # noqa: E402
 
 TINY = {
     'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 2,
@@ -52,8 +52,7 @@ def _run(workdir, data_dir):
 
 
 @pytest.fixture(scope='module')
-def compared(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
+def compared(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('compare'))
   proc = _run(workdir, data_dir)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -118,6 +117,5 @@ def test_rerun_skips_finished_runs_and_redraws(compared):
   assert os.path.exists(os.path.join(workdir, 'report.md'))          # redrawn
   # Nothing was trained again: each run logged every step once.
   for name in report.RUNS:
-    with open(os.path.join(workdir, name, 'metrics.jsonl')) as f:
-      steps = [json.loads(l)['step'] for l in f if '"loss"' in l and 'eval/' not in l]
+    steps = [l['step'] for l in read_jsonl(os.path.join(workdir, name)) if 'loss' in l]
     assert steps == [1, 2, 3, 4], name

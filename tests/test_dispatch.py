@@ -1,5 +1,5 @@
-"""Both dispatch paths ('einsum', 'gather') against the naive per-expert loop
-oracle (tests/oracle.py): forward and gradients w.r.t. the tokens, the expert
+"""Every dispatch path ('einsum', 'gather', 'dropless') against the naive
+per-expert loop oracle (tests/oracle.py): forward and gradients w.r.t. the tokens, the expert
 weights and the router weight, with capacities tight enough to drop tokens."""
 
 import functools
@@ -59,8 +59,8 @@ def _routing(x, wr, *, cfg, capacity):
 NAMES = ('x', 'w_router', 'w_gate', 'w_up', 'w_down')
 
 
-def _check_both_paths(cfg, c, args, asg, renormalize=False):
-  """Forward and all five gradients of both paths equal the oracle's."""
+def _check_every_path(cfg, c, args, asg, renormalize=False):
+  """Forward and all five gradients of every path equal the oracle's."""
   r = _routing(*args[:2], cfg=cfg, capacity=c)
   np.testing.assert_array_equal(np.asarray(r.kept), asg.kept)
   np.testing.assert_array_equal(np.asarray(r.expert_index), asg.choices)
@@ -85,7 +85,7 @@ def test_tokens_choose_both_paths_equal_oracle(e, k, cf):
   assert asg.num_dropped > 0
   assert asg.kept.mean() >= 0.5
   assert max(len(b) for bg in asg.buffers for b in bg) == c
-  y_ref, g_ref = _check_both_paths(cfg, c, args, asg)
+  y_ref, g_ref = _check_every_path(cfg, c, args, asg)
   # Tokens with all k choices dropped get exactly zero MoE output.
   all_dropped = ~asg.kept.any(-1)
   assert np.all(np.asarray(y_ref)[all_dropped] == 0)
@@ -103,7 +103,7 @@ def test_renormalized_top2_gates_equal_oracle():
   args = oracle.random_problem(7, G, S, D, 3, F, router_scale=3.0)
   asg = oracle.assign_tokens_choose(oracle.probs_of(*args[:2]), 2, c)
   assert asg.num_dropped > 0
-  _check_both_paths(cfg, c, args, asg, renormalize=True)
+  _check_every_path(cfg, c, args, asg, renormalize=True)
 
 
 def test_experts_choose_both_paths_equal_oracle():
@@ -114,7 +114,7 @@ def test_experts_choose_both_paths_equal_oracle():
   args = oracle.random_problem(3, G, S, D, e, F, router_scale=3.0)
   asg = oracle.assign_experts_choose(oracle.probs_of(*args[:2]), c)
   assert (~asg.kept.any(-1)).any()                 # some tokens get no expert
-  _check_both_paths(cfg, c, args, asg)
+  _check_every_path(cfg, c, args, asg)
 
 
 def test_einsum_dispatch_tensor_is_a_partial_permutation():
@@ -160,7 +160,7 @@ def test_dropless_equals_oracle_with_infinite_capacity(e, k):
   args = oracle.random_problem(e * 10 + k + 5, G, S, D, e, F, router_scale=3.0)
   asg = oracle.assign_tokens_choose(oracle.probs_of(*args[:2]), k, c)
   assert asg.kept.all()
-  _check_both_paths(cfg, c, args, asg)
+  _check_every_path(cfg, c, args, asg)
 
 
 @pytest.mark.parametrize('k', [1, 2])
@@ -177,7 +177,7 @@ def test_dropless_adversarial_routing_every_token_to_one_expert(k):
   probs = oracle.probs_of(*args[:2])
   asg = oracle.assign_tokens_choose(probs, k, S)
   assert (asg.choices[..., 0] == 2).all() and asg.kept.all()
-  y_ref, _ = _check_both_paths(cfg, S, args, asg)
+  y_ref, _ = _check_every_path(cfg, S, args, asg)
   tight = oracle.assign_tokens_choose(probs, k, _cfg(e, k, 1.25).capacity(S, train=True))
   assert tight.num_dropped > 0.5 * G * S           # what dropless avoids
   assert np.abs(np.asarray(y_ref)).max(axis=-1).min() > 0   # every token has an output

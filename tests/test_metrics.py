@@ -165,7 +165,6 @@ def test_nonfinite_metrics_are_logged(tmp_path):
   (line,) = read_jsonl(workdir)
   assert line['loss'] == 'nan' and line['grad_norm'] == 'inf'
   assert line['per_layer/z_loss'] == [1.0, '-inf']
-  assert math.isnan(float(line['loss']))
   tb = read_tb(workdir)
   assert math.isnan(tb['loss'][0][1]) and tb['z_loss/layer_1'][0][1] == -math.inf
 

@@ -66,12 +66,12 @@ def test_groups_are_time_major_whole_sequences_and_invert():
 
 
 def test_seqs_per_group_and_indivisible_batch():
-  layer = _layer(num_experts=4, group_size=20)
-  assert layer.seqs_per_group(8, 5) == 4
-  assert layer.seqs_per_group(2, 5) == 2             # at most the batch
-  assert layer.seqs_per_group(8, 40) == 1            # at least one sequence
+  m = _layer(num_experts=4, group_size=20).cfg
+  assert m.seqs_per_group(8, 5) == 4
+  assert m.seqs_per_group(2, 5) == 2                 # at most the batch
+  assert m.seqs_per_group(8, 40) == 1                # at least one sequence
   with pytest.raises(ConfigError, match='multiple of 4'):
-    layer.seqs_per_group(6, 5)
+    m.seqs_per_group(6, 5)
 
 
 # --- The layer against the oracle ----------------------------------------------------

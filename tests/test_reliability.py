@@ -38,10 +38,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe import data, run_config, sharding, train_lib
-from moe.checkpoint import Checkpointer, CheckpointError
+from moe.checkpoint import Checkpointer, CheckpointError, checkpoint_steps
 from moe.config import ConfigError
 
-from moe.checkpoint import checkpoint_steps
 from reliability_worker import tiny_config
 from tiny import read_jsonl
 

@@ -78,18 +78,23 @@ def _all_to_alls(hlo: str) -> int:
   return len(re.findall(r'\ball-to-all(?:-start)?\(', hlo))
 
 
+ALL_REDUCE = r'\ball-reduce(?:-start)?\('
+
+
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_expert_axis_compiles_to_all_to_all(dispatch):
   for mesh_shape in MESHES:
     hlo = _grads(mesh_shape, dispatch)[2]
     if mesh_shape[1] > 1:
       assert _all_to_alls(hlo) >= 2, (mesh_shape, dispatch)
+    if mesh_shape[0] > 1:    # data parallel: the gradients are all-reduced
+      assert re.search(ALL_REDUCE, hlo), (mesh_shape, dispatch)
     if mesh_shape == (1, 1, 1):
       # No collectives at all on one device: the explicit all-to-all paths
       # are skipped (a shard_map over size-1 axes left an all-reduce of
       # every expert weight gradient, 8 ms a step at 64 experts).
       assert _all_to_alls(hlo) == 0
-      assert not re.search(r'\ball-reduce(?:-start)?\(', hlo), dispatch
+      assert not re.search(ALL_REDUCE, hlo), dispatch
 
 
 @pytest.mark.parametrize('mesh_shape', [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)])

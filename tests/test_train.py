@@ -116,9 +116,12 @@ def _check_two_steps(name, c, original, workdir, result):
   assert math.isfinite(result['eval']['loss']), result['eval']
   assert [l['step'] for l in _train_lines(read_jsonl(workdir))] == [1, 2]
   assert checkpoint_steps(workdir) == [2]
+  # The recipe's MoE layer was trained as shipped: only the trunk shrank.
+  assert c.model.moe_every == original.model.moe_every
   if original.moe is None:
-    assert 'dropped_fraction' not in result['train']
+    assert c.moe is None and 'dropped_fraction' not in result['train']
     return
+  assert c.moe.to_dict() == original.moe.to_dict()
   model = run_config.model_config(c)
   num_moe = sum(model.is_moe_layer(i) for i in range(model.num_layers))
   assert num_moe >= 1

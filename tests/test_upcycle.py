@@ -22,7 +22,7 @@ from configs import dense as dense_recipe  # noqa: E402
 from configs import switch as switch_recipe  # noqa: E402
 from moe import data, run_config, sharding, train_lib, upcycle  # noqa: E402
 from moe.config import ConfigError  # noqa: E402
-from tiny import loop_settings, shrink_trunk  # noqa: E402
+from tiny import loop_settings, read_jsonl, shrink_trunk  # noqa: E402
 
 
 def _tiny(c, data_dir, *, steps):
@@ -88,9 +88,7 @@ def test_upcycled_loss_at_step_0_equals_dense(dense_run, data_dir, tmp_path):
   workdir = str(tmp_path / 'moe')
   train_lib.train(c, workdir)   # one step: its logged loss is the step-0 loss
 
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
-  (first,) = [r for r in rows if r['step'] == 1 and 'loss' in r]
+  (first,) = [r for r in read_jsonl(workdir) if r['step'] == 1 and 'loss' in r]
   tokens = _first_batch(c)
   np.testing.assert_array_equal(tokens, _first_batch(dense_c))  # same data order
   dense_loss = _dense_loss(dense_c, dense_dir, tokens)
