@@ -407,6 +407,25 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   preempted = _Preemption(ckpt)
 
   # --- Train loop ------------------------------------------------------------------------
+  # The host never waits for the step it has just dispatched, except at a
+  # log, eval, checkpoint, preemption or the last step: it checks the step
+  # before (finished, or nearly, by then) and fetches the next batch while the
+  # device runs. So data loading and dispatch overlap device compute, and no
+  # log, eval or checkpoint is of a step whose update was not checked.
+  unchecked = []   # the (step, metrics) dispatched but not yet checked: 0 or 1
+
+  def check_updates() -> None:
+    while unchecked:
+      at_step, step_metrics = unchecked.pop()
+      scalars = jax.device_get({k: step_metrics[k] for k in ('loss', 'update_skipped')})
+      if scalars['update_skipped']:
+        msg = (f'non-finite loss or gradients at step {at_step} '
+               f'(loss={float(scalars["loss"])}); the update was not applied')
+        if config.nonfinite == 'stop':
+          raise FloatingPointError(msg + '; stopping (nonfinite=stop). The last '
+                                   'good checkpoint is untouched.')
+        logging.warning('%s; skipping it (nonfinite=skip).', msg)
+
   last, last_eval = {}, {}
   throughput.start(step)
   try:
@@ -414,31 +433,31 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
       t_step = time.perf_counter()
       state, metrics = compiled_step(state, tokens)
       step += 1
-      scalars = jax.device_get({k: metrics[k] for k in ('loss', 'update_skipped')})
+      check_updates()   # the step before this one
+      unchecked.append((step, metrics))
+      log = step == 1 or step % config.log_every == 0 or step == steps
+      evaluate_now = step % config.eval_every == 0 or step == steps
+      save_now = step % config.checkpoint_every == 0 or step == steps
+      if log or evaluate_now or save_now:
+        check_updates()
       progress['train_seconds'] += time.perf_counter() - t_step
-      if scalars['update_skipped']:
-        msg = (f'non-finite loss or gradients at step {step} '
-               f'(loss={float(scalars["loss"])}); the update was not applied')
-        if config.nonfinite == 'stop':
-          raise FloatingPointError(msg + '; stopping (nonfinite=stop). The last '
-                                   'good checkpoint is untouched.')
-        logging.warning('%s; skipping it (nonfinite=skip).', msg)
-      if step == 1 or step % config.log_every == 0 or step == steps:
+      if log:
         last = metrics_lib.summarize(jax.device_get(metrics))
         last.update(throughput.measure(step), lr=float(lr(step - 1)),
                     train_seconds=progress['train_seconds'],
                     data_crc=progress['data_crc'])
         writer.write(step, last)
-      if step % config.eval_every == 0 or step == steps:
+      if evaluate_now:
         last_eval = metrics_lib.summarize(evaluate(s, state, eval_set))
         writer.write_eval(step, last_eval)
         throughput.start(step)
-      if step % config.checkpoint_every == 0 or step == steps:
+      if save_now:
         save(step)
         throughput.start(step)
       if preempted(step):
         _print(f'preempted: saving step {step} and exiting.')
-        if step % config.checkpoint_every and step != steps:
+        if not save_now:
+          check_updates()
           save(step)
         break
       if step < steps:

@@ -458,17 +458,39 @@ def test_nonfinite_skip(data_dir, tmp_path, monkeypatch, caplog):
   assert [int(ck[s]["['step']"]) for s in sorted(ck)] == [1, 2, 3, 4, 5]
 
 
-def test_nonfinite_stop(data_dir, tmp_path, monkeypatch):
-  c = tiny_config(data_dir, {'num_steps': 5, 'eval_every': 5,
+@pytest.mark.parametrize('bad_step,log_every,logged', [
+    (4, 1, [1, 2, 3]),   # a checkpoint step: checked before its save
+    (3, 5, [1]),         # between logs: checked while step 4 runs, before its save
+])
+def test_nonfinite_stop(bad_step, log_every, logged, data_dir, tmp_path, monkeypatch):
+  c = tiny_config(data_dir, {'num_steps': 5, 'eval_every': 5, 'log_every': log_every,
                              'checkpoint_every': 2, 'nonfinite': 'stop'})
-  _inject_nonfinite(monkeypatch, c.seed, loss_at=[4])   # a checkpoint step
+  _inject_nonfinite(monkeypatch, c.seed, loss_at=[bad_step])
   workdir = str(tmp_path / 'run')
-  with pytest.raises(FloatingPointError, match=r'at step 4 .*nonfinite=stop'):
+  with pytest.raises(FloatingPointError, match=rf'at step {bad_step} .*nonfinite=stop'):
     train_lib.train(c, workdir)
   assert checkpoint_steps(workdir) == [2]          # step 4 was never saved
   assert not tmp_dirs(workdir)
   assert _all_finite(state_arrays(os.path.join(workdir, 'checkpoints', '2')))
-  assert [l['step'] for l in train_lines(workdir)] == [1, 2, 3]
+  assert [l['step'] for l in train_lines(workdir)] == logged
+
+
+def test_nonfinite_skip_between_logs(data_dir, tmp_path, monkeypatch, caplog):
+  """Steps that neither log, evaluate nor save are checked one step late
+  (while the next one runs); each skip is still reported, in order, with its
+  own step, and the run goes on."""
+  c = tiny_config(data_dir, {'num_steps': 6, 'eval_every': 6, 'log_every': 6,
+                             'checkpoint_every': 6, 'nonfinite': 'skip'})
+  _inject_nonfinite(monkeypatch, c.seed, loss_at=[2], grads_at=[4])
+  workdir = str(tmp_path / 'run')
+  with caplog.at_level('WARNING'):
+    result = train_lib.train(c, workdir)
+  assert result['step'] == 6 and math.isfinite(result['train']['loss'])
+  warnings = [r.getMessage() for r in caplog.records if 'non-finite' in r.getMessage()]
+  assert len(warnings) == 2, warnings
+  assert 'at step 2 ' in warnings[0] and 'at step 4 ' in warnings[1]
+  assert checkpoint_steps(workdir) == [6]
+  assert _all_finite(state_arrays(os.path.join(workdir, 'checkpoints', '6')))
 
 
 # --- 6. Bad input, refused before compilation --------------------------------------------
