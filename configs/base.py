@@ -50,6 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'       # compute dtype: 'float32' or 'bfloat16'
   c.model.moe_every = 2           # every n-th layer is MoE (1: all)
   c.model.remat = False           # recompute blocks in the backward pass (memory)
+  c.model.attention = 'auto'      # 'xla', 'cudnn' (flash, CUDA + bf16) or 'auto':
+                                  # cudnn where it applies, else xla
   c.moe = moe_defaults()          # None for a dense model
 
   # Data (moe.data.DataConfig fields).

@@ -27,6 +27,7 @@ ROUTERS = ('tokens_choose', 'experts_choose')
 PRIORITIES = ('choice', 'position')
 DISPATCHES = ('einsum', 'gather', 'dropless')
 DTYPES = ('float32', 'bfloat16')
+ATTENTIONS = ('auto', 'xla', 'cudnn')
 
 
 class ConfigError(ValueError):
@@ -146,6 +147,7 @@ class ModelConfig:
   moe: MoeConfig | None = None
   moe_every: int = 2                  # layer i is MoE when (i + 1) % moe_every == 0
   remat: bool = False                 # recompute each block in the backward pass
+  attention: str = 'auto'             # kernel: 'xla', 'cudnn' or 'auto' (attention_kernel)
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads',
@@ -155,6 +157,7 @@ class ModelConfig:
     _check(self.head_dim % 2 == 0,
            f'model.head_dim={self.head_dim} must be even (RoPE rotates pairs).')
     _check_choice('model.dtype', self.dtype, DTYPES)
+    _check_choice('model.attention', self.attention, ATTENTIONS)
     if self.moe is not None:
       _check(self.moe_every <= self.num_layers,
              f'model.moe_every={self.moe_every} exceeds model.num_layers='
@@ -171,6 +174,24 @@ class ModelConfig:
   @property
   def num_moe_layers(self) -> int:
     return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+  def attention_kernel(self, platform: str) -> str:
+    """The attention kernel this model runs on `platform` (a jax backend's
+    platform: 'cpu', 'cuda', 'rocm', 'tpu'): 'xla' (layers.causal_attention,
+    everywhere) or 'cudnn' (cuDNN flash attention: CUDA GPUs, bfloat16, head_dim
+    a multiple of 8 up to 128; it skips the masked half instead of computing
+    T x T logits). 'auto' takes cudnn where it applies, else xla; an explicit
+    'cudnn' where it cannot run is refused."""
+    fits = (platform == 'cuda' and self.dtype == 'bfloat16'
+            and self.head_dim % 8 == 0 and self.head_dim <= 128)
+    if self.attention == 'auto':
+      return 'cudnn' if fits else 'xla'
+    _check(self.attention == 'xla' or fits,
+           f"model.attention='cudnn' needs a CUDA GPU, model.dtype='bfloat16' "
+           f'and model.head_dim a multiple of 8 up to 128; here the platform is '
+           f'{platform!r}, dtype {self.dtype!r}, head_dim {self.head_dim}. Use '
+           "'auto' (cudnn where it applies) or 'xla'.")
+    return self.attention
 
   def check_sequence(self, seq_len: int) -> None:
     """Refuses a sequence the model cannot take (before any compilation)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.extend  # the backend's platform version (platform())
 import jax.numpy as jnp
 from flax import nnx
 
@@ -62,6 +63,14 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
+def platform() -> str:
+  """The default backend's platform: 'cpu', 'tpu', 'cuda' or 'rocm'."""
+  backend = jax.extend.backend.get_backend()
+  if backend.platform == 'gpu':
+    return 'cuda' if 'cuda' in backend.platform_version.lower() else 'rocm'
+  return backend.platform
+
+
 def causal_attention(q, k, v):
   """softmax(q k^T / sqrt(H), causal) v with float32 logits and softmax.
 
@@ -81,7 +90,13 @@ def causal_attention(q, k, v):
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE."""
+  """Causal multi-head self-attention with RoPE.
+
+  The kernel is `cfg.attention_kernel(platform())`: `causal_attention` above,
+  or cuDNN's flash attention (`jax.nn.dot_product_attention(...,
+  implementation='cudnn')`), which never materializes the [B, N, T, T]
+  logits and skips the masked half.
+  """
 
   def __init__(self, cfg: ModelConfig, key: jax.Array):
     d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -93,6 +108,7 @@ class Attention(nnx.Module):
     self.wo = sharding.param(fan_in_init(2), ko, (n, h, d), ('heads', 'head_dim', 'embed'))
     self.theta = cfg.rope_theta
     self.dtype = jnp.dtype(cfg.dtype)
+    self.kernel = cfg.attention_kernel(platform())
 
   def __call__(self, x):  # [B, T, D] -> [B, T, D]
     dt = self.dtype
@@ -103,7 +119,11 @@ class Attention(nnx.Module):
     v = project(x, self.wv[...].astype(dt))
     q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
-    out = causal_attention(q, k, v)                                # [B, T, N, H]
+    if self.kernel == 'cudnn':
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation='cudnn')
+    else:
+      out = causal_attention(q, k, v)                              # [B, T, N, H]
     return project(out, self.wo[...].astype(dt), contract=2)        # [B, T, D]
 
 

@@ -14,7 +14,7 @@ import warnings
 
 import ml_collections
 
-from moe import data, sharding
+from moe import data, layers, sharding
 from moe.config import ConfigError, ModelConfig, MoeConfig
 
 OPTIMIZERS = ('adamw', 'adafactor')
@@ -118,6 +118,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Run:
       raise ConfigError(f'eval.capacity_factors has {cf!r}; each must be a '
                         "number > 0 or 'dropless'.")
   model = model_config(config)
+  model.attention_kernel(layers.platform())  # 'cudnn' where it cannot run: refused
   if config.get('init_from'):
     from moe import upcycle  # pylint: disable=g-import-not-at-top
     upcycle.check_source(config.init_from, model)

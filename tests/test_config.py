@@ -107,11 +107,38 @@ def test_config_error_is_a_value_error_and_configs_are_frozen():
 @pytest.mark.parametrize('kw,match', [
     (dict(head_dim=7), 'head_dim=7 must be even'),
     (dict(d_model=0), 'd_model=0'),
+    (dict(attention='flash'), "model.attention='flash' is not valid"),
     (dict(num_layers=2, moe_every=3, moe=MoeConfig()), 'moe_every=3'),
 ])
 def test_model_config_rejects(kw, match):
   with pytest.raises(ConfigError, match=match):
     ModelConfig(**kw)
+
+
+@pytest.mark.parametrize('attention,platform,dtype,head_dim,want', [
+    ('auto', 'cpu', 'bfloat16', 64, 'xla'),
+    ('auto', 'tpu', 'bfloat16', 64, 'xla'),
+    ('auto', 'rocm', 'bfloat16', 64, 'xla'),
+    ('auto', 'cuda', 'bfloat16', 64, 'cudnn'),
+    ('auto', 'cuda', 'bfloat16', 128, 'cudnn'),
+    ('auto', 'cuda', 'float32', 64, 'xla'),        # cuDNN flash: 16-bit only
+    ('auto', 'cuda', 'bfloat16', 36, 'xla'),       # not a multiple of 8
+    ('auto', 'cuda', 'bfloat16', 256, 'xla'),      # above 128
+    ('xla', 'cuda', 'bfloat16', 64, 'xla'),
+    ('cudnn', 'cuda', 'bfloat16', 64, 'cudnn'),
+])
+def test_attention_kernel(attention, platform, dtype, head_dim, want):
+  cfg = ModelConfig(attention=attention, dtype=dtype, head_dim=head_dim)
+  assert cfg.attention_kernel(platform) == want
+
+
+@pytest.mark.parametrize('platform,dtype,head_dim', [
+    ('cpu', 'bfloat16', 64), ('cuda', 'float32', 64), ('cuda', 'bfloat16', 36)])
+def test_cudnn_attention_refused_where_it_cannot_run(platform, dtype, head_dim):
+  cfg = ModelConfig(attention='cudnn', dtype=dtype, head_dim=head_dim)
+  with pytest.raises(ConfigError, match=f"needs a CUDA GPU.*platform is '{platform}', "
+                     f"dtype '{dtype}', head_dim {head_dim}"):
+    cfg.attention_kernel(platform)
 
 
 def test_check_sequence():

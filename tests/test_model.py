@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moe import layers
 from moe.config import ModelConfig, MoeConfig
 from moe.model import Transformer, lm_loss
 from moe.moe_layer import BalanceBias
@@ -276,6 +277,31 @@ def test_causal_attention_equals_naive_and_jax(dtype, tol):
   moved = np.asarray(causal_attention(q, k2, v2), np.float64)
   np.testing.assert_array_equal(moved[:, :-1], got[:, :-1])
   assert np.abs(moved[:, -1] - got[:, -1]).max() > 1e-2
+
+
+@pytest.mark.skipif(layers.platform() != 'cuda',
+                    reason='cuDNN flash attention runs on CUDA GPUs only')
+def test_cudnn_attention_equals_xla_on_gpu():
+  """The 'auto' kernel of the bf16 GPU recipes against causal_attention:
+  outputs and gradients (scripts/gpu_check.sh runs this on the GPU)."""
+  rs = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(rs.normal(size=(2, 256, 4, 64)), jnp.bfloat16) for _ in range(3))
+  cfg = ModelConfig(dtype='bfloat16', head_dim=64)
+  assert cfg.attention_kernel(layers.platform()) == 'cudnn'
+
+  def loss(kernel, q, k, v):
+    out = kernel(q, k, v).astype(jnp.float32)
+    return jnp.sum(out * jnp.cos(out)), out
+  cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                            implementation='cudnn')
+  (_, got), grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, cudnn), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  (_, want), want_grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, layers.causal_attention), argnums=(0, 1, 2),
+      has_aux=True))(q, k, v)
+  for g, w in zip((got, *grads), (want, *want_grads)):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= 3e-2 * np.abs(w).max(), np.abs(g - w).max()
 
 
 def test_project_equals_einsum():
