@@ -56,7 +56,7 @@ class MoeConfig:
   router: str = 'tokens_choose'       # or 'experts_choose' (not causal)
   priority: str = 'choice'            # capacity priority: 'choice' or 'position'
   renormalize_gates: bool = False     # top-k gates divided by their sum
-  dispatch: str = 'einsum'            # or 'gather' (index-based) or 'dropless'
+  dispatch: str = 'gather'            # or 'einsum' (one-hot reference) or 'dropless'
   group_size: int = 1024              # tokens per routing group (multiple of seq_len)
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0

@@ -52,12 +52,8 @@ def tiny_config(data_dir: str, overrides: dict | None = None):
            eval_batches=1, checkpoint_every=2, max_to_keep=10,
            progress_bar=False, peak_flops_per_device=1e12)
   c.optimizer.warmup_steps = 2
-  for key, value in (overrides or {}).items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = tuple(value) if isinstance(value, list) else value
+  c.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                for k, v in (overrides or {}).items()})
   return c
 
 

@@ -34,12 +34,7 @@ def _overrides(data_dir):
 
 def _config(data_dir):
   c = switch.get_config('cpu')
-  for key, value in {**TINY, 'data.data_dir': data_dir}.items():
-    node = c
-    *path, last = key.split('.')
-    for part in path:
-      node = node[part]
-    node[last] = value
+  c.update_from_flattened_dict({**TINY, 'data.data_dir': data_dir})
   return c
 
 
