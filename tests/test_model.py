@@ -279,6 +279,28 @@ def test_causal_attention_equals_naive_and_jax(dtype, tol):
   assert np.abs(moved[:, -1] - got[:, -1]).max() > 1e-2
 
 
+def test_attention_on_a_cuda_platform_calls_cudnn(monkeypatch):
+  """The wiring of model.attention='auto' on a CUDA GPU, checked here on the
+  CPU: with the platform reported as 'cuda', a bf16 model's attention calls
+  jax.nn.dot_product_attention with implementation='cudnn' on [B, T, N, H]
+  (recorded, then run by its XLA form, since cuDNN is not here), and gives
+  the logits of the 'xla' kernel."""
+  cfg = dataclasses.replace(_cfg(moe_every=1, eval_capacity_factor=4.0),
+                            dtype='bfloat16')
+  xla_logits = _apply(_model(dataclasses.replace(cfg, attention='xla'), 8), _tokens(9))[0]
+  calls, real = [], jax.nn.dot_product_attention
+
+  def recorded(q, k, v, **kw):
+    calls.append((q.shape, kw))
+    return real(q, k, v, **dict(kw, implementation='xla'))
+  monkeypatch.setattr(layers, 'platform', lambda: 'cuda')
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', recorded)
+  logits = _apply(_model(cfg, 8), _tokens(9))[0]
+  assert calls == [((4, T, H, DH), {'is_causal': True, 'implementation': 'cudnn'})] * L
+  np.testing.assert_allclose(np.asarray(logits, np.float32),
+                             np.asarray(xla_logits, np.float32), atol=0.1, rtol=0.05)
+
+
 @pytest.mark.skipif(layers.platform() != 'cuda',
                     reason='cuDNN flash attention runs on CUDA GPUs only')
 def test_cudnn_attention_equals_xla_on_gpu():
