@@ -17,16 +17,23 @@ may be larger than the machine (a 32-device plan on a laptop). Per device:
     vocabulary divided by the `model` axis. Only residuals that grow with the
     batch count (the jaxpr is traced at b and 2b sequences; the difference is
     the activation memory of b sequences), so transposed or cast weights are
-    not counted twice. Plus the loss's working set at the start of the
-    backward pass: the logits, their softmax and their gradient, 3 x
-    [b, T, V/model] float32.
+    not counted twice. With `model.remat` the saved residuals are the
+    blocks' inputs, and the backward pass recomputes one block at a time, so
+    one block's residuals (those of the model without remat, per layer) are
+    added. Plus the loss's working set at the start of the backward pass: the
+    logits, their softmax and their gradient, 3 x [b, T, V/model] float32.
   * the batch (int32 tokens).
-  * total = parameters + optimizer state + gradients + activations + batch,
-    the high-water mark of one step if nothing is freed early. Compared in
-    tests/test_plan.py with XLA's own figure for the compiled train step of
-    `moe.train_lib.setup` (`memory_analysis()`: arguments + outputs -
-    donated aliases + temporaries, `moe.metrics.compiled_memory`, what
-    `moe.metrics.peak_memory_mb` reports), within 20%.
+  * total = parameters + optimizer state + max(gradients, activations) +
+    batch: the backward pass frees each layer's residuals as it writes that
+    layer's gradients, so the two peak at opposite ends of it (the optimizer
+    update runs after both). Compared in tests/test_plan.py with XLA's own
+    figure for the compiled train step of `moe.train_lib.setup`
+    (`memory_analysis()`: arguments + outputs - donated aliases +
+    temporaries, `moe.metrics.compiled_memory`, what
+    `moe.metrics.peak_memory_mb` reports), within 20%, without remat: XLA:CPU
+    does not realize remat's saving (its figure for the `switch.py:cpu`
+    model is about the same with and without; jax-ml/jax#19822), so the
+    remat figures are not checked against a compiler here.
 
   Not modelled: FSDP's all-gathered weights (fsdp=True), XLA's own padding
   and fusion choices, and framework/runtime overhead.
@@ -86,8 +93,8 @@ class Plan:
 
   @property
   def total_bytes(self) -> int:
-    return (self.param_bytes + self.optimizer_bytes + self.gradient_bytes
-            + self.activation_bytes + self.batch_bytes)
+    return (self.param_bytes + self.optimizer_bytes
+            + max(self.gradient_bytes, self.activation_bytes) + self.batch_bytes)
 
   @property
   def flops_per_device_per_step(self) -> float:
@@ -170,10 +177,16 @@ def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int,
                      model_axis: int) -> int:
   """Per-device activation memory of one train step (module docstring)."""
   local = local_model(cfg, model_axis)
-  per_batch = (residual_bytes(local, 2 * local_batch, seq_len)
-               - residual_bytes(local, local_batch, seq_len))
+
+  def grows_with_batch(c: ModelConfig) -> int:
+    return (residual_bytes(c, 2 * local_batch, seq_len)
+            - residual_bytes(c, local_batch, seq_len))
+  saved = grows_with_batch(local)
+  if local.remat:   # plus the one block the backward pass recomputes at a time
+    every_block = grows_with_batch(dataclasses.replace(local, remat=False))
+    saved += (every_block - saved) // local.num_layers
   loss_working_set = 3 * local_batch * seq_len * local.vocab_size * F32
-  return per_batch + loss_working_set
+  return saved + loss_working_set
 
 
 # --- The plan ---------------------------------------------------------------------------
@@ -262,7 +275,8 @@ def format_plan(p: Plan) -> str:
       f'  gradients         {_bytes(p.gradient_bytes)}',
       f'  activations       {_bytes(p.activation_bytes)}',
       f'  batch             {_bytes(p.batch_bytes)}',
-      f'  total             {_bytes(p.total_bytes)}',
+      f'  total             {_bytes(p.total_bytes)}   (gradients and activations '
+      'peak apart: the larger one counts)',
   ]
   if p.moe_layers:
     lines += ['', 'all-to-all per MoE layer (per device, per step: 4 x (ep-1)/ep '
