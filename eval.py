@@ -12,7 +12,7 @@ from absl import app
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
-from moe import cli  # noqa: E402  (the flags)
+from moe import cli, config_flag  # noqa: E402  (the flags)
 
 
 def main(argv):
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_flag.parse)

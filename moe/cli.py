@@ -9,14 +9,15 @@ and --process_id.
 import os
 
 from absl import flags
-from ml_collections import config_flags
+
+from moe import config_flag
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(_ROOT, 'configs', 'switch.py:cpu'),
+CONFIG = config_flag.define(
+    os.path.join(_ROOT, 'configs', 'switch.py:cpu'),
     'Config file and variant, e.g. configs/switch.py:cpu (eval.py: the one '
-    'the run was trained with, overrides included).', lock_config=True)
+    'the run was trained with, overrides included).')
 WORKDIR = flags.DEFINE_string(
     'workdir', 'runs/switch_cpu', 'The run: checkpoints, metrics and config.')
 

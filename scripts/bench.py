@@ -18,14 +18,15 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(ROOT, 'configs', 'switch.py:cpu'),
-    'The MoE config to measure.', lock_config=True)
+from moe import config_flag  # noqa: E402
+
+_CONFIG = config_flag.define(
+    os.path.join(ROOT, 'configs', 'switch.py:cpu'),
+    'The MoE config to measure.')
 _OUT = flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'At least this many timed steps per variant (median).')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds per variant.')
@@ -213,4 +214,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_flag.parse)

@@ -14,14 +14,15 @@ import shlex
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(ROOT, 'configs', 'switch.py:cpu'),
-    'The MoE config and variant.', lock_config=True)
+from moe import config_flag  # noqa: E402
+
+_CONFIG = config_flag.define(
+    os.path.join(ROOT, 'configs', 'switch.py:cpu'),
+    'The MoE config and variant.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Runs and report go here.')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False,
                                  'Only rebuild the report from existing runs.')
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_flag.parse)

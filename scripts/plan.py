@@ -16,14 +16,15 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(ROOT, 'configs', 'switch.py:cpu'),
-    'Config file and variant, e.g. configs/switch.py:1b.', lock_config=True)
+from moe import config_flag  # noqa: E402
+
+_CONFIG = config_flag.define(
+    os.path.join(ROOT, 'configs', 'switch.py:cpu'),
+    'Config file and variant, e.g. configs/switch.py:1b.')
 _MESH = flags.DEFINE_string(
     'mesh', None, 'Target mesh "data,expert,model", e.g. 4,8,1 (default: '
     'config.mesh).')
@@ -76,4 +77,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=config_flag.parse)
