@@ -16,11 +16,9 @@ Padding costs at most E*(T-1) rows: T is chosen so that this stays <= 1/4 of N
 (T = clamp(2^floor(log2(N / 4E)), 8, 512); from N >= 32E on), the buffer
 bound of capacity factor 1.25. Small tiles cost more than their padding
 saves: each tile gathers its expert's weights and scatter-adds their
-gradients (with 64-row tiles instead of 32, and gathers for the
-backward pass, the CPU bench's dropless layer went from 5.24 to 4.32x the
-dense-active layer; docs/performance.md). `jax.lax.ragged_dot` computes the
-same product but ran an order of magnitude slower than a dense matmul of
-the active size on XLA:CPU (jax 0.10), so it is not used.
+gradients (the bench's `dropless` layer figure, docs/performance.md).
+`jax.lax.ragged_dot` computes the same product but was slower than these
+tiles on XLA:CPU when tried (jax 0.10 and 0.11), so it is not used.
 
 Across the `expert` mesh axis (`jax.shard_map`): each device sends each of
 its choices to the device owning the chosen expert. Without a ragged

@@ -175,17 +175,16 @@ def decay_mask(params):
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-  """`optax.clip_by_global_norm` that takes the norm from its caller when
-  given (`grad_norm=`). The train step computes that norm anyway, to log it
-  and to skip non-finite steps; computed again inside the update's `cond`,
-  it would be a second pass over every gradient that XLA cannot merge."""
+  """`optax.clip_by_global_norm` that takes the norm from its caller
+  (`grad_norm=`). The train step computes that norm anyway, to log it and to
+  skip non-finite steps; computed again inside the update's `cond`, it would
+  be a second pass over every gradient that XLA cannot merge."""
 
-  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+  def update(updates, state, params=None, *, grad_norm, **extra_args):
     del params, extra_args
-    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-    keep = norm < max_norm
+    keep = grad_norm < max_norm
     return jax.tree.map(
-        lambda t: jax.lax.select(keep, t, t / norm.astype(t.dtype) * max_norm),
+        lambda t: jax.lax.select(keep, t, t / grad_norm.astype(t.dtype) * max_norm),
         updates), state
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)

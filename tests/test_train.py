@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -381,3 +382,17 @@ def test_relative_workdir_trains_and_checkpoints(data_dir, tmp_path, monkeypatch
   result = _train(c, os.path.join('runs', 'relative'))
   assert result['step'] == 1
   assert checkpoint_steps(str(tmp_path / 'runs' / 'relative')) == [1]
+
+
+@pytest.mark.parametrize('scale', [0.5, 3.0])   # under and over the limit
+def test_clip_with_the_steps_norm_equals_optax(scale):
+  """train_lib.clip_by_global_norm, given the norm the step computed, clips
+  exactly as optax.clip_by_global_norm, which computes it itself."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  grads = {'a': jnp.arange(6.0).reshape(2, 3) * scale, 'b': jnp.full((4,), -scale)}
+  norm = optax.tree.norm(grads)
+  ours, _ = train_lib.clip_by_global_norm(5.0).update(grads, None, grad_norm=norm)
+  want, _ = optax.clip_by_global_norm(5.0).update(grads, optax.EmptyState())
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, want)
+  assert (float(norm) < 5.0) == (scale == 0.5)
