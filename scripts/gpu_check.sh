@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check for a single NVIDIA GPU (H100/H200), under 8 minutes:
+# One prepared check for a single NVIDIA GPU (H100/H200), meant to take under
+# 8 minutes (the budget; not yet run on a GPU):
 #   1. correctness on the GPU: the dispatch oracle tests, the routing tests
 #      and cuDNN flash attention against layers.causal_attention (one real
 #      device; the mesh tests run on 8 fake CPU devices as in CI);
