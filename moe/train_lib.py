@@ -178,14 +178,18 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   """`optax.clip_by_global_norm` that takes the norm from its caller
   (`grad_norm=`). The train step computes that norm anyway, to log it and to
   skip non-finite steps; computed again inside the update's `cond`, it would
-  be a second pass over every gradient that XLA cannot merge."""
+  be a second pass over every gradient that XLA cannot merge.
+
+  The clip multiplies by one scalar, min(1, max_norm / norm), where optax
+  selects between each gradient and its scaled copy: XLA:CPU fuses the
+  product into AdamW's moment updates, but wrote the selected copy out as
+  one more pass over every gradient (measured on the 64-expert step of
+  scripts/bench.py: docs/performance.md)."""
 
   def update(updates, state, params=None, *, grad_norm, **extra_args):
     del params, extra_args
-    keep = grad_norm < max_norm
-    return jax.tree.map(
-        lambda t: jax.lax.select(keep, t, t / grad_norm.astype(t.dtype) * max_norm),
-        updates), state
+    scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 

@@ -1,7 +1,7 @@
 """Benchmarks: MoE overhead, throughput against the dense twin, expert-count
 scaling, MFU, compile time and memory. One process, variants interleaved,
 compile time excluded from step times, medians over at least --steps timed
-steps per variant.
+steps per model variant and --layer_calls calls per layer variant.
 
   python scripts/bench.py --out bench.json            # default CPU Switch config
   python scripts/bench.py --config configs/switch.py:cpu --steps 20 --out b.json
@@ -28,8 +28,13 @@ _CONFIG = config_flag.define(
     os.path.join(ROOT, 'configs', 'switch.py:cpu'),
     'The MoE config to measure.')
 _OUT = flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'At least this many timed steps per variant (median).')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds per variant.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'At least this many timed steps per variant (median).',
+                              lower_bound=1)
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds per variant.', lower_bound=1)
+_LAYER_CALLS = flags.DEFINE_integer(
+    'layer_calls', 60, 'Timed calls per layer variant, 5 per interleaved round. '
+    'A layer call takes milliseconds: fewer calls let one burst of load on a '
+    'shared machine swing a ratio by a third.', lower_bound=1)
 
 
 def _median_times(fns: dict, steps: int, rounds: int) -> dict:
@@ -77,14 +82,16 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
     layers[path] = MoeFeedForward(cfg, jax.random.key(0))
     fns[path] = timed(layers[path], lambda mod, x: mod(x, train=True)[0], x)
 
-  # The expert FFN alone on full cf-1.25 buffers [G, E, C, D]: what the
-  # capacity paths cost before any routing or dispatch.
+  # The expert FFN alone on full cf-1.25 buffers: what the capacity paths
+  # cost before any routing or dispatch. Stored expert-major, [E, G, C, D],
+  # as the `gather` path's gathers write them (XLA folds its [G, E, C, D]
+  # view into the gather), so this floor pays no transposes the layer skips.
   spg = m.seqs_per_group(batch, seq_len)
   buffers = jax.random.normal(jax.random.key(2), (
-      batch // spg, m.num_experts, m.capacity(spg * seq_len, True, 1.25),
+      m.num_experts, batch // spg, m.capacity(spg * seq_len, True, 1.25),
       model_cfg.d_model))
   fns['experts_only'] = timed(layers['gather'], lambda mod, xe: dispatch.expert_ffn(
-      xe, mod.expert_weights(), mod.dtype), buffers)
+      jnp.swapaxes(xe, 0, 1), mod.expert_weights(), mod.dtype), buffers)
   dense = Mlp(model_cfg.d_model, m.top_k * m.expert_dim, model_cfg.dtype,
               jax.random.key(0))
   fns['dense_active'] = timed(dense, lambda mod, x: mod(x), x)
@@ -134,8 +141,9 @@ def main(argv):
   peak = metrics.measure_matmul_peak(jnp.dtype(moe_cfg.dtype))
 
   # Layer overhead: MoE FFN / dense SwiGLU of hidden k*F, fwd+bwd, cf 1.25.
+  layer_calls = _LAYER_CALLS.value
   layer = _median_times(_layer_fns(moe_cfg, config.batch_size, config.seq_len),
-                        steps, rounds)
+                        layer_calls, -(-layer_calls // 5))
   overhead = {d: layer[d] / layer['dense_active']
               for d in ('einsum', 'gather', 'dropless', 'experts_only')}
 

@@ -21,7 +21,7 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path):
   out = tmp_path / 'bench.json'
   subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'bench.py'), '--steps=1',
-       '--rounds=1', f'--out={out}', *(f'--config.{k}={v}' for k, v in SMALL.items())],
+       '--rounds=1', '--layer_calls=1', f'--out={out}', *(f'--config.{k}={v}' for k, v in SMALL.items())],
       check=True, cwd=tmp_path, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
       capture_output=True, timeout=600)
   r = json.loads(out.read_text())
