@@ -277,6 +277,14 @@ def _read_json(path: str):
   return json.loads(p.read_text()) if p.exists() else None
 
 
+def launched_steps(run_dir: str, default: int) -> int:
+  """The num_steps a run was last launched with (its config.json), else
+  `default`: a run shrunk with --set num_steps=N is finished at N, also for
+  a later --report_only that does not repeat the --set."""
+  saved = _read_json(join(run_dir, 'config.json'))
+  return saved['num_steps'] if saved and 'num_steps' in saved else default
+
+
 def status(run_dir: str, num_steps: int, with_eval: bool) -> tuple[str, int | None]:
   """('finished' | 'eval' | 'resume' | 'new', newest checkpoint step)."""
   from moe import checkpoint  # pylint: disable=g-import-not-at-top
@@ -613,7 +621,8 @@ def _main() -> int:
   for run in runs:
     run_dir = join(workdir, run.name)
     try:
-      state, _ = status(run_dir, configs[run.name].num_steps, _EVAL.value)
+      num_steps = launched_steps(run_dir, configs[run.name].num_steps)
+      state, _ = status(run_dir, num_steps, _EVAL.value)
       rows.append(collect(run, run_dir, state))
     except Exception as e:  # unreadable (e.g. gs:// without gcsfs): say so
       print(f'{run.name}: cannot read {run_dir} ({type(e).__name__}: {e})',

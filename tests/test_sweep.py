@@ -143,6 +143,13 @@ def test_sweep_end_to_end(data_dir, tmp_path):
   proc = _sweep(*common, f'--only={first}', '--set=num_steps=1', '--eval=False')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.listdir(workdir) and not os.path.exists(os.path.join(workdir, NAMES[1]))
+  # Its report, without repeating --set, counts it finished at the 1 step it
+  # was launched for; the other runs were never started.
+  proc = _sweep(*common, '--report_only', '--eval=False')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'results.csv')) as f:
+    assert [(r['status'], r['step']) for r in csv.DictReader(f)] == [
+        ('finished', '1'), ('new', ''), ('new', ''), ('new', '')]
 
   proc = _sweep(*common, '--parallel=2', '--metric=eval.json/loss',
                 '--x=moe.num_experts')
