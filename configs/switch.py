@@ -7,8 +7,8 @@ Variants (`--config configs/switch.py:VARIANT`):
        (E=8, top-1, expert width 256), 600 steps of 16 x 128 tokens. Chosen
        by measurement (docs/performance.md): with MoE every other layer
        the MoE trailed its active-FLOP twin at this scale; with every
-       layer it ends within 0.04 nats of it (below in one run, above
-       in the others: docs/performance.md) and well below its
+       layer it ends within 0.04 nats of it (below in two runs, above
+       in two: docs/performance.md) and well below its
        matched-total twin.
          python train.py --config configs/switch.py:cpu --workdir runs/switch
          python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
