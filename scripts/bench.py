@@ -32,7 +32,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'At least this many timed steps per v
                               lower_bound=1)
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds per variant.', lower_bound=1)
 _LAYER_CALLS = flags.DEFINE_integer(
-    'layer_calls', 60, 'Timed calls per layer variant, 5 per interleaved round. '
+    'layer_calls', 60, 'At least this many timed calls per layer variant, in '
+    'interleaved rounds of up to 5. '
     'A layer call takes milliseconds: fewer calls let one burst of load on a '
     'shared machine swing a ratio by a third.', lower_bound=1)
 

@@ -279,8 +279,9 @@ def _read_json(path: str):
 
 def launched_steps(run_dir: str, default: int) -> int:
   """The num_steps a run was last launched with (its config.json), else
-  `default`: a run shrunk with --set num_steps=N is finished at N, also for
-  a later --report_only that does not repeat the --set."""
+  `default`. For --report_only: a run shrunk with --set num_steps=N is
+  finished at N without repeating the --set. (A sweep that launches judges
+  its runs by the num_steps it asked for, before and after.)"""
   saved = _read_json(join(run_dir, 'config.json'))
   return saved['num_steps'] if saved and 'num_steps' in saved else default
 
@@ -621,7 +622,9 @@ def _main() -> int:
   for run in runs:
     run_dir = join(workdir, run.name)
     try:
-      num_steps = launched_steps(run_dir, configs[run.name].num_steps)
+      num_steps = configs[run.name].num_steps
+      if _REPORT_ONLY.value:
+        num_steps = launched_steps(run_dir, num_steps)
       state, _ = status(run_dir, num_steps, _EVAL.value)
       rows.append(collect(run, run_dir, state))
     except Exception as e:  # unreadable (e.g. gs:// without gcsfs): say so
