@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import switch  # noqa: E402
-from moe import run_config  # noqa: E402
+from moe import dispatch, run_config  # noqa: E402
 
 SMALL = {'model.num_layers': 2, 'batch_size': 4, 'seq_len': 64, 'model.max_seq_len': 64}
 
@@ -25,8 +25,11 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path):
       check=True, cwd=tmp_path, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
       capture_output=True, timeout=600)
   r = json.loads(out.read_text())
-  assert set(r['layer_overhead']) == {'einsum', 'gather', 'dropless', 'experts_only'}
+  assert set(r['layer_overhead']) == set(dispatch.DISPATCHES)   # keyed by dispatch path
   assert all(v > 0 and math.isfinite(v) for v in r['layer_overhead'].values())
+  assert set(r['layer_seconds']) == {*dispatch.DISPATCHES, 'experts_only', 'dense_active'}
+  assert math.isclose(r['expert_ffn_floor'],
+                      r['layer_seconds']['experts_only'] / r['layer_seconds']['dense_active'])
   for key in ('expert_scaling_64_over_8', 'time_to_first_step_s', 'peak_memory_mb',
               'matmul_peak_gflops'):
     assert r[key] > 0 and math.isfinite(r[key]), key
