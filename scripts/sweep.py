@@ -279,11 +279,9 @@ def _read_json(path: str):
 
 def launched_steps(run_dir: str, default: int) -> int:
   """The num_steps a run was last launched with (its config.json), else
-  `default`. For --report_only: a run shrunk with --set num_steps=N is
-  finished at N without repeating the --set. (A sweep that launches judges
-  its runs by the num_steps it asked for, before and after.)"""
-  saved = _read_json(join(run_dir, 'config.json'))
-  return saved['num_steps'] if saved and 'num_steps' in saved else default
+  `default`: what --report_only judges a run by, so that a run shrunk with
+  --set num_steps=N is finished at N without repeating the --set."""
+  return (_read_json(join(run_dir, 'config.json')) or {}).get('num_steps', default)
 
 
 def status(run_dir: str, num_steps: int, with_eval: bool) -> tuple[str, int | None]:

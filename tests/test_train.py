@@ -387,7 +387,8 @@ def test_relative_workdir_trains_and_checkpoints(data_dir, tmp_path, monkeypatch
 @pytest.mark.parametrize('scale', [0.5, 3.0])   # under and over the limit
 def test_clip_with_the_steps_norm_equals_optax(scale):
   """train_lib.clip_by_global_norm, given the norm the step computed, clips
-  exactly as optax.clip_by_global_norm, which computes it itself."""
+  as optax.clip_by_global_norm, which computes it itself (to rounding: it
+  multiplies by one scalar where optax divides and multiplies)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   grads = {'a': jnp.arange(6.0).reshape(2, 3) * scale, 'b': jnp.full((4,), -scale)}
