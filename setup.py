@@ -29,5 +29,6 @@ setup(
     extras_require={
         'test': ['pytest>=8.0', 'tensorboard>=2.16'],
         'tf': ['tensorflow>=2.16'],
+        'gcs': ['gcsfs>=2024.2'],   # gs:// workdirs and data_dirs without TensorFlow
     },
 )

@@ -10,7 +10,6 @@ mesh restores under another. Errors from orbax are never swallowed.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -129,8 +128,10 @@ class Checkpointer:
     (kept, never deleted) so a run restarted (restore_step=`requested`) from
     `step` can save again. The folder is made even when empty: it marks the
     restart as done (`restarted_from`)."""
-    return self._move_aside([s for s in self.all_steps() if s > step],
-                            f'after_{requested}', make_empty=True)
+    aside = move_aside(self.manager.directory, [s for s in self.all_steps() if s > step],
+                       f'after_{requested}')
+    self.manager.reload()
+    return aside
 
   def set_aside_damaged(self, step: int | None) -> str | None:
     """Moves the step directories newer than `step` (None: all of them),
@@ -138,20 +139,15 @@ class Checkpointer:
     `<directory>.damaged.<time>` (kept, never deleted), so the resumed run
     can save those steps again. Returns the folder, or None if none moved."""
     newer = [s for s in self.all_steps() if step is None or s > step]
-    return self._move_aside(newer, 'damaged') if newer else None
-
-  def _move_aside(self, steps, label: str, make_empty: bool = False) -> str:
-    directory = str(self.manager.directory)
-    aside = f'{directory}.{label}.{time.strftime("%Y%m%d-%H%M%S")}'
-    os.makedirs(aside, exist_ok=not make_empty)
-    for s in steps:
-      os.rename(os.path.join(directory, str(s)), os.path.join(aside, str(s)))
+    if not newer:
+      return None
+    aside = move_aside(self.manager.directory, newer, 'damaged')
     self.manager.reload()
     return aside
 
   def restarted_from(self, requested: int) -> bool:
     """True once a restart with restore_step=`requested` has happened."""
-    return bool(glob.glob(f'{self.manager.directory}.after_{requested}.*'))
+    return restarted_from(self.manager.directory, requested)
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
@@ -172,3 +168,25 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def latest_step(workdir: str) -> int | None:
   """The newest committed checkpoint step of a run's workdir, or None."""
   return max(checkpoint_steps(workdir), default=None)
+
+
+def move_aside(directory, steps, label: str) -> str:
+  """Moves the `steps` of a checkpoint directory (local or gs://, through
+  epath as orbax) into a new sibling folder `<directory>.<label>.<time>`,
+  kept, never deleted; returns it. A note in it (SET_ASIDE.txt) makes the
+  folder exist even with no step: object stores have no empty folders."""
+  directory = epath.Path(directory)
+  aside = directory.parent / f'{directory.name}.{label}.{time.strftime("%Y%m%d-%H%M%S")}'
+  aside.mkdir(parents=True, exist_ok=True)
+  (aside / 'SET_ASIDE.txt').write_text(
+      f'Checkpoint steps {list(steps)} moved here from {directory} ({label}).\n')
+  for s in steps:
+    (directory / str(s)).rename(aside / str(s))
+  return str(aside)
+
+
+def restarted_from(directory, requested: int) -> bool:
+  """True once a restart with restore_step=`requested` has set the newer
+  steps of this checkpoint directory aside (move_aside)."""
+  directory = epath.Path(directory)
+  return any(directory.parent.glob(f'{directory.name}.after_{requested}.*'))

@@ -86,7 +86,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moe import data_builders
+from moe import data_builders, run_dir
 from moe.config import ConfigError
 
 OUR_DATASETS = ('python_stdlib', 'text_files')
@@ -219,26 +219,20 @@ def vocab_size(cfg: DataConfig) -> int:
 
 # --- Sources -----------------------------------------------------------------
 
-def _data_dir(cfg: DataConfig) -> str:
+def resolve_data_dir(cfg: DataConfig) -> str:
+  """cfg.data_dir, or TFDS's default; a gs:// one this machine cannot reach
+  is refused (moe.run_dir.check_filesystem)."""
   d = (str(tfds.core.constants.DATA_DIR) if cfg.data_dir is None
        else str(cfg.data_dir))
-  if d.startswith('gs://'):
-    # Without TensorFlow, etils.epath reaches gs:// through gcsfs; the
-    # array_record files themselves are opened by array_record's reader.
-    import importlib.util  # pylint: disable=g-import-not-at-top
-    if not (importlib.util.find_spec('gcsfs')
-            or importlib.util.find_spec('tensorflow')):
-      raise ImportError(
-          f'data_dir={d!r} is on GCS, which needs the gcsfs package without '
-          'TensorFlow: pip install gcsfs (or mount the bucket with gcsfuse '
-          'and pass the local path).')
-    return d
-  return d if '://' in d else os.path.expanduser(d)
+  # A gs:// data_dir goes through etils.epath; the array_record files
+  # themselves are opened by array_record's reader.
+  run_dir.check_filesystem(d, 'data.data_dir')
+  return d if run_dir.is_remote(d) else os.path.expanduser(d)
 
 
 def prepare_command(cfg: DataConfig) -> str:
   """The shell command that prepares `cfg`'s dataset under its data_dir."""
-  data_dir = _data_dir(cfg)
+  data_dir = resolve_data_dir(cfg)
   if cfg.name in OUR_DATASETS:
     extra = (f' --text_files={shlex.quote(cfg.text_files)}'
              if cfg.text_files else '')
@@ -252,7 +246,7 @@ def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   """The dataset's TFDS builder, prepared as array_record (ours: built if
   needed, offline; others: must already be prepared, else the error says
   how)."""
-  data_dir = _data_dir(cfg)
+  data_dir = resolve_data_dir(cfg)
   if cfg.name == 'python_stdlib':
     builder = data_builders.PythonStdlib(
         config=data_builders.stdlib_config_name(), data_dir=data_dir,
@@ -271,7 +265,7 @@ def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
 def _prepared_tfds_builder(cfg: DataConfig,
                            data_dir: str) -> tfds.core.DatasetBuilder:
   cmd = prepare_command(cfg)
-  how = (f'Prepare it once (where TensorFlow is installed: '
+  how = (f'prepare it once (where TensorFlow is installed: '
          f"pip install 'moe[tf]'):\n  {cmd}")
   try:
     builder = tfds.builder(cfg.name, data_dir=data_dir)
@@ -295,7 +289,7 @@ def _prepared_tfds_builder(cfg: DataConfig,
   if not builder.is_prepared():
     raise DatasetNotPreparedError(
         f'Dataset {cfg.name!r} is not prepared under data_dir={data_dir!r} '
-        f'(no {builder.data_dir}/dataset_info.json). {how}')
+        f'(no {builder.data_dir}/dataset_info.json); {how}')
   fmt = builder.info.file_format
   if fmt is None or getattr(fmt, 'value', fmt) != 'array_record':
     raise DatasetNotPreparedError(

@@ -15,7 +15,7 @@ import os
 
 import jax
 
-from moe import data, run_config, sharding
+from moe import data, run_config, run_dir, sharding
 from moe import metrics as metrics_lib
 from moe.checkpoint import Checkpointer, CheckpointError
 from moe.train_lib import evaluate, make_optimizer, setup
@@ -24,6 +24,7 @@ from moe.train_lib import evaluate, make_optimizer, setup
 def run_eval(config, workdir: str) -> dict:
   """Restores `workdir`'s checkpoint, evaluates, writes workdir/eval.json."""
   run = run_config.validate(config, jax.device_count())
+  run_dir.check_filesystem(workdir, 'workdir')
   mesh = sharding.make_mesh(run.mesh_shape)
   s = setup(run.model, make_optimizer(config.optimizer, config.num_steps), mesh,
             seed=config.seed, fsdp=config.fsdp)
@@ -66,8 +67,7 @@ def run_eval(config, workdir: str) -> dict:
             if k in ('loss', 'dropped_fraction', 'per_layer/dropped_fraction')}}
         for cf in config.eval.capacity_factors]
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    run_dir.write_text(workdir, 'eval.json', json.dumps(result, indent=2))
   return result
 
 

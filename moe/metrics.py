@@ -10,6 +10,9 @@ Writers (`MetricWriter`, process 0 only; other processes get a no-op writer):
   * `workdir/tensorboard/`: event files through tensorboardX (TensorFlow is
     not needed, neither to write nor to read), with the same names as the
     JSONL keys; per-layer values are flattened (below).
+  * with a remote (gs://) workdir both are written to a local copy and
+    uploaded at each checkpoint (`sync`) and at `close`: object stores
+    cannot append (moe.run_dir).
   * a tqdm bar on process 0 showing step, loss and tokens/s. By default it is
     shown only when stderr is a TTY (tqdm's `disable=None`), so batch logs are
     not flooded; `progress=False` turns it off, `True` forces it.
@@ -68,6 +71,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -75,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe import run_dir
 from moe.routing import RouterStats
 
 PEAK_SOURCES = ('measured', 'declared')
@@ -198,8 +204,14 @@ class MetricWriter:
     self._jsonl = self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
+    # A remote (gs://) workdir cannot be appended to: write a local copy,
+    # continuing the run's metrics.jsonl, and upload it at each `sync`.
+    self._workdir = workdir
+    self._dir = tempfile.mkdtemp(prefix='moe_metrics_') if run_dir.is_remote(workdir) else workdir
+    os.makedirs(self._dir, exist_ok=True)
+    if self._dir != workdir:
+      run_dir.download(workdir, 'metrics.jsonl', self._dir)
+    path = os.path.join(self._dir, 'metrics.jsonl')
     self._jsonl = open(path, 'a', encoding='utf-8')
     if self._jsonl.tell() > 0:   # a crash may have left a partial last line
       with open(path, 'rb') as f:
@@ -207,7 +219,7 @@ class MetricWriter:
         if f.read(1) != b'\n':
           self._jsonl.write('\n')
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = SummaryWriter(os.path.join(self._dir, 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes train metrics: scalars, lists, strings, a RouterStats value."""
@@ -249,6 +261,21 @@ class MetricWriter:
       self._bar.set_postfix(postfix, refresh=False)
     self._bar.update(max(0, int(step) - self._bar.n))
 
+  def sync(self) -> None:
+    """Uploads metrics.jsonl and the TensorBoard files to a remote workdir
+    (a no-op for a local one, which is written directly). TensorBoard's
+    writer flushes in the background: its newest events may wait for the
+    next sync; `close` uploads everything."""
+    if not self.enabled or self._jsonl is None:
+      return
+    self._jsonl.flush()
+    self._tb.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    if self._dir != self._workdir:
+      run_dir.upload(self._dir, self._workdir)
+
   def close(self) -> None:
     if not self.enabled or self._jsonl is None:
       return
@@ -256,6 +283,9 @@ class MetricWriter:
       self._bar.close()
     self._tb.close()
     self._jsonl.close()
+    self._upload()
+    if self._dir != self._workdir:
+      shutil.rmtree(self._dir)
     self._jsonl = None
 
   def __enter__(self):

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402  (local or gs:// workdirs)
 
 RUNS = ('moe', 'dense_total', 'dense_active')
 LABELS = {'moe': 'MoE', 'dense_total': 'dense, matched total params',
@@ -27,22 +28,21 @@ def read_metrics(path: str) -> tuple[dict, dict, dict]:
   """(info, train rows by step, eval rows by step) from one metrics.jsonl;
   a step logged twice (after a resume) keeps its last line."""
   info, train, evals = {}, {}, {}
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:  # a line cut short by a crash
-        continue
-      step = row.pop('step')
-      if 'flops_per_token' in row:
-        info.update(row)
-      elif any(k.startswith('eval/') for k in row):
-        evals[step] = {k[len('eval/'):]: v for k, v in row.items()}
-      else:
-        train[step] = row
+  for line in epath.Path(path).read_text().splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a crash
+      continue
+    step = row.pop('step')
+    if 'flops_per_token' in row:
+      info.update(row)
+    elif any(k.startswith('eval/') for k in row):
+      evals[step] = {k[len('eval/'):]: v for k, v in row.items()}
+    else:
+      train[step] = row
   return info, train, evals
 
 
@@ -53,8 +53,7 @@ class Run:
     self.name = name
     self.info, self.train, self.evals = read_metrics(
         os.path.join(workdir, name, 'metrics.jsonl'))
-    with open(os.path.join(workdir, name, 'config.json')) as f:
-      config = json.load(f)
+    config = json.loads((epath.Path(workdir) / name / 'config.json').read_text())
     self.tokens_per_step = config['batch_size'] * config['seq_len']
     self.eval_steps = np.array(sorted(self.evals))
     self.eval_loss = np.array([self.evals[s]['loss'] for s in self.eval_steps])
@@ -80,7 +79,8 @@ class Run:
 
 def _save(fig, path):
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=110)
   plt.close(fig)
 
 
@@ -206,6 +206,5 @@ def write_report(workdir: str) -> str:
       '## Expert load over training', '', f'![expert load]({PLOTS[2]})', '',
       '## Router', '', f'![router]({PLOTS[3]})', '']
   path = os.path.join(workdir, 'report.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  epath.Path(path).write_text('\n'.join(lines))
   return path

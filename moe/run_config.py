@@ -14,7 +14,7 @@ import warnings
 
 import ml_collections
 
-from moe import data, layers, sharding
+from moe import data, layers, run_dir, sharding
 from moe.config import ConfigError, ModelConfig, MoeConfig
 
 OPTIMIZERS = ('adamw', 'adafactor')
@@ -117,9 +117,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Run:
     if cf != 'dropless' and not (isinstance(cf, (int, float)) and cf > 0):
       raise ConfigError(f'eval.capacity_factors has {cf!r}; each must be a '
                         "number > 0 or 'dropless'.")
+  data.resolve_data_dir(data_config(config))  # a gs:// one without gcsfs: refused
   model = model_config(config)
   model.attention_kernel(layers.platform())  # 'cudnn' where it cannot run: refused
   if config.get('init_from'):
+    run_dir.check_filesystem(config.init_from, 'init_from')
     from moe import upcycle  # pylint: disable=g-import-not-at-top
     upcycle.check_source(config.init_from, model)
   mesh_shape = sharding.resolve_mesh_shape(config.mesh, num_devices)

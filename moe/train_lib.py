@@ -24,10 +24,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe import data, run_config, sharding
+from moe import data, run_config, run_dir, sharding
 from moe import metrics as metrics_lib
 from moe.checkpoint import Checkpointer, CheckpointError
-from moe.config import ConfigError, ModelConfig
+from moe.config import ModelConfig
 from moe.model import Transformer, lm_loss
 
 
@@ -220,19 +220,6 @@ def evaluate(s: Setup, state: TrainState, batches, capacity_factor=None) -> dict
   return jax.tree.map(lambda x: x / n, totals)
 
 
-def _check_workdir(workdir: str) -> None:
-  """Refuses a workdir we cannot write, before anything expensive."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_probe_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f'workdir {workdir!r} is not writable ({e.strerror}); '
-                      'choose a directory you can write to.') from e
-
-
 class _Preemption:
   """SIGTERM -> save at the next step boundary and exit 0.
 
@@ -299,7 +286,7 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   Returns the last logged train metrics and the last eval metrics."""
   # --- Validate everything before anything expensive -------------------------
   run = run_config.validate(config, jax.device_count())
-  _check_workdir(workdir)
+  run_dir.check_writable(workdir)
   cfg, steps = run.model, config.num_steps
 
   # --- Input pipeline ------------------------------------------------------------
@@ -375,10 +362,8 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
       next(train_it)
     restarts[str(config.restore_step)] = config.skip_batches
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, 'command.txt'), 'a') as f:
-      f.write((command or ' '.join(sys.argv)) + '\n')
+    run_dir.write_text(workdir, 'config.json', config.to_json_best_effort(indent=2))
+    run_dir.append_text(workdir, 'command.txt', (command or ' '.join(sys.argv)) + '\n')
 
   def next_batch():
     local = next(train_it)
@@ -388,6 +373,7 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   def save(at_step: int) -> None:
     ckpt.save(at_step, state, {'iterators': _per_process(train_it.get_state()),
                                'progress': progress}, config_json)
+    writer.sync()   # a remote workdir's metrics, up to this checkpoint
 
   # --- Compile: time to first step and peak memory -------------------------------------
   writer = metrics_lib.MetricWriter(workdir, total_steps=steps,

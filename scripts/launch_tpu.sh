@@ -20,7 +20,8 @@
 #                               `gcloud compute tpus tpu-vm scp --worker=all`)
 #   --python=PY                 interpreter on the workers (default: python3)
 #   --setup='CMD'               shell run on each worker first (e.g.
-#                               'source ~/venv/bin/activate && pip install -e .')
+#                               'source ~/venv/bin/activate && pip install -e ".[gcs]"';
+#                               gcsfs reaches the gs:// workdir and data_dir)
 #   --eval                      then run eval.py with the same arguments
 #   --dry_run                   print exactly the command, run nothing (also DRY_RUN=1)
 set -euo pipefail

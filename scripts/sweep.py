@@ -58,7 +58,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -388,13 +387,7 @@ def collect(run: Run, run_dir: str, state: str) -> dict:
   row = {'run': run.name, 'status': state, **run.values}
   metrics = epath.Path(join(run_dir, 'metrics.jsonl'))
   if metrics.exists():
-    if '://' in str(metrics):  # e.g. gs://: read through a local copy
-      with tempfile.NamedTemporaryFile('w', suffix='.jsonl') as f:
-        f.write(metrics.read_text())
-        f.flush()
-        info, train, evals = report.read_metrics(f.name)
-    else:
-      info, train, evals = report.read_metrics(str(metrics))
+    info, train, evals = report.read_metrics(str(metrics))
     if train:
       step = max(train)
       row['step'] = step

@@ -642,7 +642,7 @@ def test_damaged_checkpoint_falls_back_when_configured(straight, data_dir, xla_c
   assert 'skipping damaged checkpoint' in out and 'checkpoint step 6' in out
   assert 'resumed from step 4' in out
   (aside,) = glob.glob(os.path.join(workdir, 'checkpoints.damaged.*'))
-  assert os.listdir(aside) == ['6']           # kept, out of the way
+  assert sorted(os.listdir(aside)) == ['6', 'SET_ASIDE.txt']   # kept, out of the way
   assert checkpoint_steps(workdir) == [2, 4, 6]      # step 6 saved again
   assert_matches_straight(workdir, straight)
 
@@ -673,7 +673,7 @@ def test_restart_from_an_earlier_step_skipping_batches(straight, data_dir, xla_c
             expect_rc=-signal.SIGKILL)
   assert 'restarting from step 2' in out
   (aside,) = glob.glob(os.path.join(workdir, 'checkpoints.after_2.*'))
-  assert sorted(os.listdir(aside)) == ['4', '6']       # moved, not deleted
+  assert sorted(os.listdir(aside)) == ['4', '6', 'SET_ASIDE.txt']   # moved, not deleted
   assert checkpoint_steps(workdir) == [2]
   assert_bitwise_equal(state_arrays(os.path.join(aside, '6')), straight['final'])
 
@@ -689,7 +689,7 @@ def test_restart_from_an_earlier_step_skipping_batches(straight, data_dir, xla_c
   assert 'resumed from step 4' in out
   assert checkpoint_steps(workdir) == [2, 4, 6]
   assert glob.glob(os.path.join(workdir, 'checkpoints.after_*')) == [aside]
-  assert sorted(os.listdir(aside)) == ['4', '6']
+  assert sorted(os.listdir(aside)) == ['4', '6', 'SET_ASIDE.txt']
 
   # Every step after the rewind ran on the same data each time it ran.
   steps = {}
