@@ -8,8 +8,6 @@ Pass the same config (and overrides) the run was trained with.
 import os
 import sys
 
-from absl import app
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
 from moe import cli, config_flag  # noqa: E402  (the flags)
@@ -28,4 +26,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_flag.parse)
+  config_flag.run(main)

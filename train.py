@@ -14,8 +14,6 @@ import os
 import shlex
 import sys
 
-from absl import app
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
 from moe import cli, config_flag  # noqa: E402  (the flags)
@@ -34,4 +32,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_flag.parse)
+  config_flag.run(main)

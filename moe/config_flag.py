@@ -1,5 +1,5 @@
 """The --config flag of every command (train.py, eval.py, scripts/): a locked
-ml_collections config file flag, and the flag parser to pass to `app.run`.
+ml_collections config file flag, and `run`, their `app.run`.
 
 A --config.FIELD override of a field that does not exist is reported like
 any other bad flag, in one line that names it and the close match, exit 1.
@@ -10,6 +10,7 @@ import here: flags are parsed before jax starts.
 """
 
 import contextlib
+import functools
 import re
 import sys
 
@@ -47,3 +48,28 @@ def parse(argv: list[str]) -> list[str]:
   """absl's own parsing, for `app.run(main, flags_parser=parse)`."""
   with _unknown_fields_in_one_line(argv):
     return app.parse_flags_with_usage(argv)
+
+
+def run(main) -> None:
+  """`app.run(main)` with this module's flag parser. The errors a user's
+  input causes (a config value, an unprepared dataset, a checkpoint that
+  does not fit or cannot be read) are reported like a bad flag: one line
+  `FATAL <error>: <message>`, exit 1, without the traceback (whose chained
+  causes can run to hundreds of lines, e.g. TFDS's list of every dataset).
+  Any other error keeps its traceback."""
+
+  @functools.wraps(main)
+  def main_reporting_user_errors(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      # Imported only now: flags are parsed, and jax may start.
+      from moe.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+      from moe.config import ConfigError  # pylint: disable=g-import-not-at-top
+      from moe.data import DatasetNotPreparedError  # pylint: disable=g-import-not-at-top
+      if not isinstance(e, (ConfigError, DatasetNotPreparedError, CheckpointError)):
+        raise
+      sys.stderr.write(f'FATAL {type(e).__name__}: {e}\n')
+      sys.exit(1)
+
+  app.run(main_reporting_user_errors, flags_parser=parse)

@@ -50,18 +50,13 @@ def main(argv):
   quiet_logs()
   import jax  # pylint: disable=g-import-not-at-top
   from moe import plan  # pylint: disable=g-import-not-at-top
-  from moe.config import ConfigError  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if _MESH.value:
     config.mesh = parse_mesh(_MESH.value)
   num_devices = _NUM_DEVICES.value
   if num_devices is None and -1 in tuple(int(s) for s in config.mesh):
     num_devices = jax.device_count()
-  try:
-    p = plan.make_plan(config, num_devices)
-  except ConfigError as e:
-    print(f'plan: {e}', file=sys.stderr)
-    return 1
+  p = plan.make_plan(config, num_devices)
   print(plan.format_plan(p))
   if _CHECK.value:
     m = plan.compiled_bytes(config)
@@ -77,4 +72,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=config_flag.parse)
+  config_flag.run(main)
