@@ -6,6 +6,7 @@ Public interface::
              tokenizer='bytes', text_key='text', train_split='train',
              eval_split='validation', read_threads=2)      # frozen, validated
   prepare(cfg) -> tfds DatasetBuilder        # builds our corpora once, reuses
+  check_source(cfg)                          # refuses what cannot be read, early
   get_tokenizer(cfg) -> Tokenizer            # .vocab_size .eos_id .pad_id
                                              # .encode(text) .decode(ids)
   vocab_size(cfg) -> int                     # = get_tokenizer(cfg).vocab_size
@@ -240,6 +241,19 @@ def prepare_command(cfg: DataConfig) -> str:
             f'--data_dir={shlex.quote(data_dir)}')
   return (f'tfds build {cfg.name} --file_format=array_record '
           f'--data_dir={shlex.quote(data_dir)}')
+
+
+def check_source(cfg: DataConfig) -> None:
+  """Refuses a data source this run cannot read, from metadata only (for
+  run_config.validate, before anything expensive): a data_dir this machine
+  cannot reach, text_files matching no file, or a TFDS dataset not prepared
+  under data_dir (the error says how to prepare it). Ours are built on
+  first use (`prepare`)."""
+  data_dir = resolve_data_dir(cfg)
+  if cfg.name == 'text_files':
+    data_builders.resolve_text_files(cfg.text_files)
+  elif cfg.name not in OUR_DATASETS:
+    _prepared_tfds_builder(cfg, data_dir)
 
 
 def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:

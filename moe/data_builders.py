@@ -38,6 +38,8 @@ import sysconfig
 
 import tensorflow_datasets as tfds
 
+from moe.config import ConfigError
+
 VALIDATION_FRACTION = 0.02
 _SKIP_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
 
@@ -138,7 +140,7 @@ def resolve_text_files(pattern: str) -> tuple[str, list[str]]:
   """(root, sorted relative paths) of the regular files matching `pattern`.
 
   A directory means every non-hidden regular file below it (recursively);
-  anything else is a glob (`**` recurses). Raises ValueError naming the
+  anything else is a glob (`**` recurses). Raises ConfigError naming the
   pattern when nothing matches.
   """
   expanded = os.path.abspath(os.path.expanduser(pattern))
@@ -154,14 +156,14 @@ def resolve_text_files(pattern: str) -> tuple[str, list[str]]:
     root = None
   files = sorted(f for f in files if os.path.isfile(f))
   if not files:
-    raise ValueError(
+    raise ConfigError(
         f'text_files={pattern!r} matches no files (looked for '
         f'{expanded!r}{" recursively" if root else ""}): nothing to build. '
         'Pass a directory or a glob such as "/data/corpus/**/*.txt".')
   nonempty = [f for f in files  # a small file may hold only whitespace
               if os.path.getsize(f) > 4096 or _read_nonempty(f) is not None]
   if len(nonempty) < 2:
-    raise ValueError(
+    raise ConfigError(
         f'text_files={pattern!r} matches {len(files)} files, of which '
         f'{len(nonempty)} are non-empty: the corpus is empty or too small to '
         'split. Give at least 2 non-empty files (documents are split into '

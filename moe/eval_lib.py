@@ -24,6 +24,7 @@ from moe.train_lib import evaluate, make_optimizer, setup
 def run_eval(config, workdir: str) -> dict:
   """Restores `workdir`'s checkpoint, evaluates, writes workdir/eval.json."""
   run = run_config.validate(config, jax.device_count())
+  data.check_source(run.data)
   run_dir.check_filesystem(workdir, 'workdir')
   mesh = sharding.make_mesh(run.mesh_shape)
   s = setup(run.model, make_optimizer(config.optimizer, config.num_steps), mesh,

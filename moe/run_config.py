@@ -117,7 +117,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Run:
     if cf != 'dropless' and not (isinstance(cf, (int, float)) and cf > 0):
       raise ConfigError(f'eval.capacity_factors has {cf!r}; each must be a '
                         "number > 0 or 'dropless'.")
-  data.resolve_data_dir(data_config(config))  # a gs:// one without gcsfs: refused
   model = model_config(config)
   model.attention_kernel(layers.platform())  # 'cudnn' where it cannot run: refused
   if config.get('init_from'):

@@ -286,6 +286,7 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   Returns the last logged train metrics and the last eval metrics."""
   # --- Validate everything before anything expensive -------------------------
   run = run_config.validate(config, jax.device_count())
+  data.check_source(run.data)   # here, not in validate: a sweep's launcher may lack the data
   run_dir.check_writable(workdir)
   cfg, steps = run.model, config.num_steps
 

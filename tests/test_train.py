@@ -379,16 +379,20 @@ def test_train_py_rejects_a_misspelled_override(tmp_path):
      'FATAL ConfigError: moe.top_k=0 must be between 1 and moe.num_experts=8.'),
     ('--config.data.name=c4/en',
      "FATAL DatasetNotPreparedError: Unknown or missing dataset data.name='c4/en'"),
+    ('--config.data.name=text_files --config.data.text_files=/nonexistent/*.txt',
+     "FATAL ConfigError: text_files='/nonexistent/*.txt' matches no files"),
 ])
 def test_train_py_reports_a_bad_value_in_one_line(override, first_line, tmp_path):
-  """No traceback (TFDS's chained one lists every dataset it knows)."""
+  """No traceback (TFDS's chained one lists every dataset it knows), and
+  refused by validation: no workdir is made."""
   proc = subprocess.run(
-      [sys.executable, 'train.py', '--workdir', str(tmp_path / 'run'), override,
+      [sys.executable, 'train.py', '--workdir', str(tmp_path / 'run'), *override.split(),
        f'--config.data.data_dir={tmp_path / "tfds"}'],
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert proc.stderr.startswith(first_line), proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr and len(proc.stderr.splitlines()) <= 2
+  assert not os.path.exists(tmp_path / 'run')
 
 
 def test_relative_workdir_trains_and_checkpoints(data_dir, tmp_path, monkeypatch):
