@@ -173,20 +173,27 @@ def latest_step(workdir: str) -> int | None:
 def move_aside(directory, steps, label: str) -> str:
   """Moves the `steps` of a checkpoint directory (local or gs://, through
   epath as orbax) into a new sibling folder `<directory>.<label>.<time>`,
-  kept, never deleted; returns it. A note in it (SET_ASIDE.txt) makes the
-  folder exist even with no step: object stores have no empty folders."""
+  kept, never deleted; returns it. Its note SET_ASIDE.txt is written once
+  every step has moved (`restarted_from` looks for it); a MOVING note makes
+  the folder exist meanwhile: object stores have no empty folders, and a
+  move into a folder that does not exist fails."""
   directory = epath.Path(directory)
   aside = directory.parent / f'{directory.name}.{label}.{time.strftime("%Y%m%d-%H%M%S")}'
-  aside.mkdir(parents=True, exist_ok=True)
-  (aside / 'SET_ASIDE.txt').write_text(
-      f'Checkpoint steps {list(steps)} moved here from {directory} ({label}).\n')
+  if aside.exists():
+    raise FileExistsError(f'{aside} already exists; not merging into it.')
+  aside.mkdir(parents=True)
+  note = f'Checkpoint steps {list(steps)} moved here from {directory} ({label}).\n'
+  (aside / 'MOVING').write_text(note)
   for s in steps:
     (directory / str(s)).rename(aside / str(s))
+  (aside / 'SET_ASIDE.txt').write_text(note)
+  (aside / 'MOVING').unlink()
   return str(aside)
 
 
 def restarted_from(directory, requested: int) -> bool:
   """True once a restart with restore_step=`requested` has set the newer
-  steps of this checkpoint directory aside (move_aside)."""
+  steps of this checkpoint directory aside (all of them: move_aside)."""
   directory = epath.Path(directory)
-  return any(directory.parent.glob(f'{directory.name}.after_{requested}.*'))
+  return any((p / 'SET_ASIDE.txt').exists()
+             for p in directory.parent.glob(f'{directory.name}.after_{requested}.*'))

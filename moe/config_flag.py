@@ -14,7 +14,7 @@ import functools
 import re
 import sys
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 
@@ -50,24 +50,30 @@ def parse(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
+# The errors a user's input causes, as (module, class): a config value, an
+# unprepared dataset, a checkpoint that does not fit or cannot be read.
+USER_ERRORS = (('moe.config', 'ConfigError'),
+               ('moe.data', 'DatasetNotPreparedError'),
+               ('moe.checkpoint', 'CheckpointError'))
+
+
 def run(main) -> None:
-  """`app.run(main)` with this module's flag parser. The errors a user's
-  input causes (a config value, an unprepared dataset, a checkpoint that
-  does not fit or cannot be read) are reported like a bad flag: one line
-  `FATAL <error>: <message>`, exit 1, without the traceback (whose chained
-  causes can run to hundreds of lines, e.g. TFDS's list of every dataset).
-  Any other error keeps its traceback."""
+  """`app.run(main)` with this module's flag parser. A USER_ERRORS error is
+  reported like a bad flag: `FATAL <error>: <message>`, exit 1, without the
+  traceback (whose chained causes can run to hundreds of lines, e.g. TFDS's
+  list of every dataset); --verbosity (absl's) keeps it. Any other error
+  keeps its traceback."""
 
   @functools.wraps(main)
   def main_reporting_user_errors(argv):
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      # Imported only now: flags are parsed, and jax may start.
-      from moe.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-      from moe.config import ConfigError  # pylint: disable=g-import-not-at-top
-      from moe.data import DatasetNotPreparedError  # pylint: disable=g-import-not-at-top
-      if not isinstance(e, (ConfigError, DatasetNotPreparedError, CheckpointError)):
+      # Only a module already imported can have raised its error: nothing is
+      # imported here, on the way out.
+      user_errors = tuple(getattr(sys.modules[module], name)
+                          for module, name in USER_ERRORS if module in sys.modules)
+      if not isinstance(e, user_errors) or flags.FLAGS['verbosity'].present:
         raise
       sys.stderr.write(f'FATAL {type(e).__name__}: {e}\n')
       sys.exit(1)

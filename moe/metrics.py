@@ -265,16 +265,22 @@ class MetricWriter:
     """Uploads metrics.jsonl and the TensorBoard files to a remote workdir
     (a no-op for a local one, which is written directly). TensorBoard's
     writer flushes in the background: its newest events may wait for the
-    next sync; `close` uploads everything."""
-    if not self.enabled or self._jsonl is None:
+    next sync; `close` uploads everything. A failed upload is logged, not
+    raised: training goes on, and the next sync uploads it all again."""
+    if not self.enabled or self._jsonl is None or self._dir == self._workdir:
       return
     self._jsonl.flush()
     self._tb.flush()
-    self._upload()
+    self._upload('trying again at the next checkpoint')
 
-  def _upload(self) -> None:
-    if self._dir != self._workdir:
+  def _upload(self, otherwise: str) -> bool:
+    try:
       run_dir.upload(self._dir, self._workdir)
+      return True
+    except Exception as e:  # pylint: disable=broad-except  (any filesystem's error)
+      logging.warning('could not upload metrics to %s (%s: %s); %s',
+                      self._workdir, type(e).__name__, e, otherwise)
+      return False
 
   def close(self) -> None:
     if not self.enabled or self._jsonl is None:
@@ -283,8 +289,7 @@ class MetricWriter:
       self._bar.close()
     self._tb.close()
     self._jsonl.close()
-    self._upload()
-    if self._dir != self._workdir:
+    if self._dir != self._workdir and self._upload(f'they are kept in {self._dir}'):
       shutil.rmtree(self._dir)
     self._jsonl = None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import uuid
 
 from etils import epath
 
@@ -29,6 +30,11 @@ def is_remote(path: str) -> bool:
   return '://' in str(path)
 
 
+def gcs_client_installed() -> bool:
+  """Whether epath can reach gs:// here: through gcsfs, or TensorFlow."""
+  return bool(importlib.util.find_spec('gcsfs') or importlib.util.find_spec('tensorflow'))
+
+
 def check_filesystem(path: str, what: str) -> None:
   """Refuses a URL this machine cannot reach: any scheme but gs://, or gs://
   without gcsfs (or TensorFlow, epath's other way to GCS)."""
@@ -38,7 +44,7 @@ def check_filesystem(path: str, what: str) -> None:
   if not path.startswith(GCS):
     raise ConfigError(f'{what}={path!r}: the only URL scheme supported is '
                       f'{GCS}; otherwise give a local or mounted path.')
-  if not (importlib.util.find_spec('gcsfs') or importlib.util.find_spec('tensorflow')):
+  if not gcs_client_installed():
     raise ConfigError(
         f'{what}={path!r} is on GCS, which needs the gcsfs package without '
         "TensorFlow: pip install 'moe[gcs]' (or mount the bucket with gcsfuse "
@@ -48,7 +54,7 @@ def check_filesystem(path: str, what: str) -> None:
 def check_writable(workdir: str) -> None:
   """Refuses a workdir we cannot write, before anything expensive."""
   check_filesystem(workdir, 'workdir')
-  probe = epath.Path(workdir) / f'.write_probe_{os.getpid()}'
+  probe = epath.Path(workdir) / f'.write_probe_{uuid.uuid4().hex}'   # unique across hosts
   try:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     probe.write_text('ok')

@@ -376,24 +376,11 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
                                'progress': progress}, config_json)
     writer.sync()   # a remote workdir's metrics, up to this checkpoint
 
-  # --- Compile: time to first step and peak memory -------------------------------------
+  # --- Metrics; compile and train in one try -------------------------------------------
+  # Whatever fails from here on, compilation included, still closes the
+  # writer (uploading a remote workdir's metrics) and the checkpointer.
   writer = metrics_lib.MetricWriter(workdir, total_steps=steps,
                                     progress=config.progress_bar or False)
-  config_json = json.loads(config.to_json_best_effort())
-  t0 = time.perf_counter()
-  tokens = next_batch()
-  compiled_step = s.train_step.lower(state, tokens).compile()
-  compile_seconds = time.perf_counter() - t0
-  peak, source = metrics_lib.peak_flops(config.peak_flops_per_device,
-                                        jnp.dtype(cfg.dtype))
-  throughput = metrics_lib.Throughput(
-      flops_per_token=cfg.flops_per_token(config.seq_len),
-      tokens_per_step=config.batch_size * config.seq_len,
-      peak_flops_per_device=peak, peak_source=source)
-  writer.write(step, {**throughput.info(), 'compile_seconds': compile_seconds,
-                      'peak_memory_mb': metrics_lib.peak_memory_mb(compiled_step),
-                      'num_params': cfg.num_params,
-                      'num_active_params': cfg.num_active_params})
   preempted = _Preemption(ckpt)
 
   # --- Train loop ------------------------------------------------------------------------
@@ -417,8 +404,24 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
         logging.warning('%s; skipping it (nonfinite=skip).', msg)
 
   last, last_eval = {}, {}
-  throughput.start(step)
   try:
+    # Compile: time to first step and peak memory.
+    config_json = json.loads(config.to_json_best_effort())
+    t0 = time.perf_counter()
+    tokens = next_batch()
+    compiled_step = s.train_step.lower(state, tokens).compile()
+    compile_seconds = time.perf_counter() - t0
+    peak, source = metrics_lib.peak_flops(config.peak_flops_per_device,
+                                          jnp.dtype(cfg.dtype))
+    throughput = metrics_lib.Throughput(
+        flops_per_token=cfg.flops_per_token(config.seq_len),
+        tokens_per_step=config.batch_size * config.seq_len,
+        peak_flops_per_device=peak, peak_source=source)
+    writer.write(step, {**throughput.info(), 'compile_seconds': compile_seconds,
+                        'peak_memory_mb': metrics_lib.peak_memory_mb(compiled_step),
+                        'num_params': cfg.num_params,
+                        'num_active_params': cfg.num_active_params})
+    throughput.start(step)
     while step < steps:
       t_step = time.perf_counter()
       state, metrics = compiled_step(state, tokens)
@@ -456,6 +459,8 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
         progress['train_seconds'] += time.perf_counter() - t_data
   finally:
     preempted.close()
-    writer.close()
-    ckpt.close()
+    try:
+      writer.close()
+    finally:
+      ckpt.close()   # waits for the last save
   return {'train': last, 'eval': last_eval, 'step': step}

@@ -63,6 +63,7 @@ done
 ARGS=("$@")
 
 [[ -n "$WORKDIR" ]] || die '--workdir=DIR is required (on a filesystem all nodes share)'
+[[ "$WORKDIR" != *://* ]] || die "--workdir=$WORKDIR: give a path on a filesystem all nodes share (Slurm writes the job script and its log there), not a URL"
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes=$NODES must be a positive integer"
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "--gpus_per_node=$GPUS must be a positive integer"
 [[ "$PER" == gpu || "$PER" == node ]] || die "--per=$PER: choose gpu or node"

@@ -528,6 +528,9 @@ def _main() -> int:
   swept = list(dict.fromkeys(k for r in runs for k in r.values))
   configs = {r.name: build_config(base, r) for r in runs}
   launcher = 'print' if (_LAUNCHER.value == 'local' and _DRY_RUN.value) else _LAUNCHER.value
+  if launcher == 'local' and '://' in workdir and not _REPORT_ONLY.value:
+    raise SweepError(f'--workdir {workdir}: the local launcher writes each run\'s log '
+                     'beside it, so give a local path (or --launcher tpu for gs://).')
   # With --launcher print, stdout holds only the commands.
   info = functools.partial(print, file=sys.stderr if launcher == 'print' else sys.stdout,
                            flush=True)

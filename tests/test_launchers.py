@@ -133,11 +133,11 @@ def test_slurm_script_is_valid_bash_and_refuses_bad_options(tmp_path):
   path = tmp_path / 'job.sbatch'
   path.write_text('\n'.join(script) + '\n')
   assert subprocess.run(['bash', '-n', str(path)]).returncode == 0
-  for args, message in ((['--per=socket'], '--per=socket'),
-                        (['--nodes=0'], '--nodes=0'),
-                        ([], '--workdir=DIR is required')):
-    bad = _run(SLURM, *args, *([] if not args else ['--workdir=/s']), '--dry_run',
-               '--', '--config', 'c')
+  for args, message in ((['--per=socket', '--workdir=/s'], '--per=socket'),
+                        (['--nodes=0', '--workdir=/s'], '--nodes=0'),
+                        ([], '--workdir=DIR is required'),
+                        (['--workdir=gs://b/run'], 'on a filesystem all nodes share')):
+    bad = _run(SLURM, *args, '--dry_run', '--', '--config', 'c')
     assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
 
 

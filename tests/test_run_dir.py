@@ -11,6 +11,7 @@ leave a local 'gs:' folder there, which every test refuses.
 
 import json
 import os
+import shutil
 
 import pytest
 from etils import epath
@@ -28,6 +29,7 @@ def fake_gcs(tmp_path, monkeypatch):
   root = tmp_path / 'bucket'
   root.mkdir()
   monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(run_dir, 'gcs_client_installed', lambda: True)
 
   def local(path):
     path = os.fspath(path)
@@ -119,19 +121,59 @@ def test_checkpoints_set_aside_on_gcs(fake_gcs):
   assert checkpoint.restarted_from(directory, 1)
 
 
+def test_a_set_aside_cut_short_is_not_a_restart_done(fake_gcs):
+  """On GCS a move copies every object: a preemption can stop it halfway.
+  The rerun must set the rest aside again, not take the restart as done."""
+  (fake_gcs / 'bkt/run/checkpoints/4').mkdir(parents=True)
+  (fake_gcs / 'bkt/run/checkpoints/4/_CHECKPOINT_METADATA').write_text('{}')
+  directory = 'gs://bkt/run/checkpoints'
+  with pytest.raises(FileNotFoundError):
+    checkpoint.move_aside(directory, [4, 6], 'after_2')     # 6 is not there: cut short
+  assert not checkpoint.restarted_from(directory, 2)
+
+
+def test_a_failed_upload_is_retried_and_never_loses_metrics(fake_gcs, monkeypatch, caplog):
+  failing, upload = [True], run_dir.upload
+
+  def flaky_upload(*args):
+    if failing[0]:
+      raise OSError('503 Service Unavailable')
+    upload(*args)
+
+  def steps(path):
+    return [json.loads(line)['step'] for line in open(path)]
+
+  monkeypatch.setattr(run_dir, 'upload', flaky_upload)
+  w = M.MetricWriter('gs://bkt/run', enabled=True, total_steps=4, progress=False)
+  w.write(1, {'loss': 4.0})
+  w.sync()                                       # logged; training goes on
+  assert ('could not upload metrics to gs://bkt/run (OSError: 503 Service '
+          'Unavailable); trying again at the next checkpoint') in caplog.text
+  failing[0] = False
+  w.write(2, {'loss': 3.0})
+  w.sync()                                       # the next checkpoint uploads it all
+  assert steps(fake_gcs / 'bkt/run/metrics.jsonl') == [1, 2]
+  failing[0] = True
+  w.write(3, {'loss': 2.0})
+  w.close()                                      # fails too: the local copy stays
+  assert f'they are kept in {w._dir}' in caplog.text
+  assert steps(os.path.join(w._dir, 'metrics.jsonl')) == [1, 2, 3]
+  shutil.rmtree(w._dir)
+
+
 @pytest.mark.parametrize('path, match', [
     ('s3://bkt/run', "workdir='s3://bkt/run': the only URL scheme supported is gs://"),
     ('gs://bkt/run', r"workdir='gs://bkt/run' is on GCS, which needs the gcsfs "
                      r"package without TensorFlow: pip install 'moe\[gcs\]'"),
 ])
 def test_unreachable_workdir_is_refused(path, match, monkeypatch):
-  monkeypatch.setattr(run_dir.importlib.util, 'find_spec', lambda name: None)
+  monkeypatch.setattr(run_dir, 'gcs_client_installed', lambda: False)
   with pytest.raises(ConfigError, match=match):
     run_dir.check_writable(path)
 
 
 def test_local_workdir_needs_no_package(tmp_path, monkeypatch):
-  monkeypatch.setattr(run_dir.importlib.util, 'find_spec', lambda name: None)
+  monkeypatch.setattr(run_dir, 'gcs_client_installed', lambda: False)
   run_dir.check_writable(str(tmp_path / 'new' / 'run'))
   assert os.listdir(tmp_path / 'new' / 'run') == []
   assert epath.Path(tmp_path / 'new' / 'run').is_dir()

@@ -209,3 +209,13 @@ def test_a_bad_run_stops_the_sweep_before_anything_starts(data_dir, tmp_path):
   assert 'run num_experts=3 is not valid (2 devices)' in proc.stderr
   assert 'moe.num_experts=3 is not divisible by the expert axis (2)' in proc.stderr
   assert not os.path.exists(workdir)
+
+
+def test_a_local_sweep_into_a_bucket_is_refused(data_dir, tmp_path):
+  """The local launcher writes each run's log beside the run: gs:// would
+  make a local folder named 'gs:' (sweep.py runs in the repository)."""
+  spec = _write_sweep(tmp_path / 'grid.py', data_dir, {'moe.num_experts': [2, 4]})
+  proc = _sweep('--sweep', spec, '--workdir', 'gs://bkt/sweep', timeout=120)
+  assert proc.returncode == 2
+  assert "--workdir gs://bkt/sweep: the local launcher writes each run's log" in proc.stderr
+  assert not os.path.exists(os.path.join(REPO, 'gs:'))

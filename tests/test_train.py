@@ -30,6 +30,7 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 
 from moe import data, run_config, train_lib  # noqa: E402
+from moe import metrics as metrics_lib  # noqa: E402
 from moe.checkpoint import checkpoint_steps  # noqa: E402
 from tiny import loop_settings, read_jsonl, shrink_trunk  # noqa: E402
 
@@ -377,8 +378,8 @@ def test_train_py_rejects_a_misspelled_override(tmp_path):
 @pytest.mark.parametrize('override, first_line', [
     ('--config.moe.top_k=0',
      'FATAL ConfigError: moe.top_k=0 must be between 1 and moe.num_experts=8.'),
-    ('--config.data.name=c4/en',
-     "FATAL DatasetNotPreparedError: Unknown or missing dataset data.name='c4/en'"),
+    ('--config.data.name=no_such_dataset',
+     "FATAL DatasetNotPreparedError: Unknown or missing dataset data.name='no_such_dataset'"),
     ('--config.data.name=text_files --config.data.text_files=/nonexistent/*.txt',
      "FATAL ConfigError: text_files='/nonexistent/*.txt' matches no files"),
 ])
@@ -393,6 +394,48 @@ def test_train_py_reports_a_bad_value_in_one_line(override, first_line, tmp_path
   assert proc.stderr.startswith(first_line), proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr and len(proc.stderr.splitlines()) <= 2
   assert not os.path.exists(tmp_path / 'run')
+
+
+_RAISES = """
+from moe import config_flag
+from moe.config import ConfigError
+def main(argv):
+  raise {error}('x=1 is not valid; choose 2.')
+config_flag.run(main)
+"""
+
+
+@pytest.mark.parametrize('error, flags, one_line', [
+    ('ConfigError', [], True),
+    ('RuntimeError', [], False),               # not the user's input: a bug
+    ('ConfigError', ['--verbosity=0'], False),   # asked for the traceback
+])
+def test_only_user_errors_lose_their_traceback(error, flags, one_line):
+  proc = subprocess.run([sys.executable, '-c', _RAISES.format(error=error), *flags],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  if one_line:
+    assert proc.stderr == 'FATAL ConfigError: x=1 is not valid; choose 2.\n'
+  else:
+    assert 'Traceback' in proc.stderr
+    assert proc.stderr.rstrip().endswith(f'{error}: x=1 is not valid; choose 2.')
+
+
+def test_metrics_are_synced_at_every_checkpoint(data_dir, tmp_path, monkeypatch):
+  """What MetricWriter.sync uploads for a gs:// workdir (a no-op here, on a
+  local one): the rows up to each checkpoint."""
+  c = _shrink(_recipe('dense').get_config('cpu'), data_dir)
+  c.num_steps, c.checkpoint_every, c.log_every, c.eval_every = 4, 2, 1, 4
+  workdir = str(tmp_path / 'run')
+  synced, sync = [], metrics_lib.MetricWriter.sync
+
+  def recording_sync(writer):
+    synced.append([r['step'] for r in read_jsonl(workdir) if 'loss' in r])
+    sync(writer)
+
+  monkeypatch.setattr(metrics_lib.MetricWriter, 'sync', recording_sync)
+  _train(c, workdir)
+  assert synced == [[1, 2], [1, 2, 3, 4]]
 
 
 def test_relative_workdir_trains_and_checkpoints(data_dir, tmp_path, monkeypatch):
