@@ -34,6 +34,17 @@ class CheckpointMismatchError(CheckpointError):
   so a fall-back restore does not skip it."""
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops orbax's warning, on every read-only manager, that its directory
+  is read-only: eval.py and upcycling ask for exactly that."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int | None = None,
@@ -42,6 +53,8 @@ class Checkpointer:
     upcycling), which must never create, clean up or delete anything there."""
     if '://' not in directory:  # orbax needs absolute local paths
       directory = os.path.abspath(directory)
+    if read_only:
+      logging.getLogger('absl').addFilter(_READ_ONLY_NOTICE)   # orbax logs through absl
     self.manager = ocp.CheckpointManager(
         directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -49,6 +62,7 @@ class Checkpointer:
                        'config': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
+            save_interval_steps=0 if read_only else 1,   # orbax warns otherwise
             enable_async_checkpointing=True, cleanup_tmp_directories=not read_only))
 
   def all_steps(self) -> list[int]:

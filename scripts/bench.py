@@ -8,8 +8,8 @@ steps per model variant and --layer_calls calls per layer variant.
 
 Every timed function is the library's own (the MoE layer, the jitted train
 step of moe.train_lib.setup, and `moe.dispatch.expert_ffn` alone on random
-cf-1.25 buffers as the floor of the capacity paths): no benchmark-only code
-path.
+cf-1.25 buffers as the floor of the capacity paths, at the config's expert
+count and at the other one of the 64/8 figure): no benchmark-only code path.
 """
 
 import json
@@ -76,23 +76,30 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
     jax.block_until_ready(step(params, inputs))      # compile, not timed
     return lambda: jax.block_until_ready(step(params, inputs))
 
-  fns, layers = {}, {}
+  fns = {}
   for path in dispatch.DISPATCHES:
     cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(
         m, dispatch=path, train_capacity_factor=1.25))
-    layers[path] = MoeFeedForward(cfg, jax.random.key(0))
-    fns[path] = timed(layers[path], lambda mod, x: mod(x, train=True)[0], x)
+    fns[path] = timed(MoeFeedForward(cfg, jax.random.key(0)),
+                      lambda mod, x: mod(x, train=True)[0], x)
 
   # The expert FFN alone on full cf-1.25 buffers: what the capacity paths
   # cost before any routing or dispatch. Stored expert-major, [E, G, C, D],
   # as the `gather` path's gathers write them (XLA folds its [G, E, C, D]
   # view into the gather), so this floor pays no transposes the layer skips.
+  # Also at the other expert count of the 64/8 scaling figure (same k, F,
+  # cf: the same FLOPs in E times C rows), to see what the FFN adds to it.
   spg = m.seqs_per_group(batch, seq_len)
-  buffers = jax.random.normal(jax.random.key(2), (
-      m.num_experts, batch // spg, m.capacity(spg * seq_len, True, 1.25),
-      model_cfg.d_model))
-  fns['experts_only'] = timed(layers['gather'], lambda mod, xe: dispatch.expert_ffn(
-      jnp.swapaxes(xe, 0, 1), mod.expert_weights(), mod.dtype), buffers)
+  for e in (m.num_experts, *(e for e in (8, 64) if e != m.num_experts)):
+    cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(
+        m, num_experts=e, dispatch='gather', train_capacity_factor=1.25))
+    buffers = jax.random.normal(jax.random.key(2), (
+        e, batch // spg, cfg.moe.capacity(spg * seq_len, True, 1.25), model_cfg.d_model))
+    name = 'experts_only' if e == m.num_experts else f'experts_only_e{e}'
+    fns[name] = timed(MoeFeedForward(cfg, jax.random.key(0)),
+                      lambda mod, xe: dispatch.expert_ffn(
+                          jnp.swapaxes(xe, 0, 1), mod.expert_weights(), mod.dtype),
+                      buffers)
   dense = Mlp(model_cfg.d_model, m.top_k * m.expert_dim, model_cfg.dtype,
               jax.random.key(0))
   fns['dense_active'] = timed(dense, lambda mod, x: mod(x), x)
@@ -160,6 +167,9 @@ def main(argv):
   def at_experts(e):     # step seconds with e experts ('moe' when it has e)
     return step['moe'] if e == num_experts else step[f'e{e}']
 
+  def at_floor(e):       # expert-FFN-alone seconds with e experts
+    return layer['experts_only' if e == num_experts else f'experts_only_e{e}']
+
   built = {name: _step_fn(config, cfg) for name, cfg in variants.items()}
   step = _median_times({n: b[0] for n, b in built.items()}, steps, rounds)
   tokens = config.batch_size * config.seq_len
@@ -177,6 +187,11 @@ def main(argv):
       'analytic_flop_ratio': (dense_cfg.flops_per_token(config.seq_len)
                               / moe_cfg.flops_per_token(config.seq_len)),
       'expert_scaling_64_over_8': at_experts(64) / at_experts(8),
+      # The expert FFN's share of that: its fwd+bwd time at 64 experts minus
+      # at 8, in every MoE layer, over the step-time difference.
+      'expert_ffn_share_of_64_over_8': (
+          moe_cfg.num_moe_layers * (at_floor(64) - at_floor(8))
+          / (at_experts(64) - at_experts(8))),
       'matmul_peak_gflops': peak / 1e9,
       'mfu_dense': flops['dense_total'] / peak,
       'mfu_moe': flops['moe'] / peak,
@@ -202,6 +217,8 @@ def main(argv):
       ('MoE tokens/s / matched-total dense tokens/s', result['throughput_ratio_vs_dense_total'],
        f">= {0.8 * result['analytic_flop_ratio']:.2f} (0.8 x analytic {result['analytic_flop_ratio']:.2f})"),
       ('step time 64 experts / 8 experts', result['expert_scaling_64_over_8'], '<= 1.15'),
+      ('share of that step-time difference in the expert FFN (64 vs 8 experts)',
+       result['expert_ffn_share_of_64_over_8'], ''),
       ('dense MFU vs measured matmul peak', result['mfu_dense'], '>= 0.50'),
       ('MoE MFU / dense MFU', result['mfu_moe_over_dense'], '>= 0.85'),
       ('dense-active MFU / dense MFU (bound for the line above)',

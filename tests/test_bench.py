@@ -27,9 +27,9 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path):
   r = json.loads(out.read_text())
   assert set(r['layer_overhead']) == set(dispatch.DISPATCHES)   # keyed by dispatch path
   assert all(v > 0 and math.isfinite(v) for v in r['layer_overhead'].values())
-  assert set(r['layer_seconds']) == {*dispatch.DISPATCHES, 'experts_only', 'dense_active'}
-  assert math.isclose(r['expert_ffn_floor'],
-                      r['layer_seconds']['experts_only'] / r['layer_seconds']['dense_active'])
+  layer = r['layer_seconds']
+  assert set(layer) == {*dispatch.DISPATCHES, 'experts_only', 'experts_only_e64', 'dense_active'}
+  assert math.isclose(r['expert_ffn_floor'], layer['experts_only'] / layer['dense_active'])
   for key in ('expert_scaling_64_over_8', 'time_to_first_step_s', 'peak_memory_mb',
               'matmul_peak_gflops'):
     assert r[key] > 0 and math.isfinite(r[key]), key
@@ -42,6 +42,10 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path):
   step = r['step_seconds']
   assert set(step) == {'moe', 'dense_total', 'dense_active', 'e64'}   # 'moe' has 8 experts
   assert math.isclose(r['throughput_ratio_vs_dense_total'], step['dense_total'] / step['moe'])
+  # Both MoE layers' expert FFN at 64 experts minus at 8, over the step gap.
+  assert math.isclose(r['expert_ffn_share_of_64_over_8'],
+                      2 * (layer['experts_only_e64'] - layer['experts_only'])
+                      / (step['e64'] - step['moe']))
   # MFU counts active FLOPs only: FLOPs/token x tokens / step time / peak.
   for name, key in (('moe', 'mfu_moe'), ('dense_total', 'mfu_dense')):
     assert math.isclose(r[key], flops[name] * 4 * 64 / step[name]

@@ -331,6 +331,7 @@ def test_eval_py_subprocess(cli_run, data_dir):
   proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
+  assert 'read only' not in proc.stderr and 'read_only' not in proc.stderr, proc.stderr
   table = proc.stdout
   assert f'eval at step {latest}' in table, table
   assert re.search(r'\| loss \| \d+\.\d{4} \|', table), table
