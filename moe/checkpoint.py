@@ -187,10 +187,11 @@ def latest_step(workdir: str) -> int | None:
 def move_aside(directory, steps, label: str) -> str:
   """Moves the `steps` of a checkpoint directory (local or gs://, through
   epath as orbax) into a new sibling folder `<directory>.<label>.<time>`,
-  kept, never deleted; returns it. Its note SET_ASIDE.txt is written once
-  every step has moved (`restarted_from` looks for it); a MOVING note makes
-  the folder exist meanwhile: object stores have no empty folders, and a
-  move into a folder that does not exist fails."""
+  kept, never deleted; returns it. A MOVING note, replaced by SET_ASIDE.txt
+  once every step has moved, marks a move still under way
+  (`restarted_from`) and makes the folder exist meanwhile: object stores
+  have no empty folders, and a move into a folder that does not exist
+  fails."""
   directory = epath.Path(directory)
   aside = directory.parent / f'{directory.name}.{label}.{time.strftime("%Y%m%d-%H%M%S")}'
   if aside.exists():
@@ -207,7 +208,8 @@ def move_aside(directory, steps, label: str) -> str:
 
 def restarted_from(directory, requested: int) -> bool:
   """True once a restart with restore_step=`requested` has set the newer
-  steps of this checkpoint directory aside (all of them: move_aside)."""
+  steps of this checkpoint directory aside: a folder of move_aside's with no
+  MOVING note left in it (older folders have no notes at all)."""
   directory = epath.Path(directory)
-  return any((p / 'SET_ASIDE.txt').exists()
+  return any(not (p / 'MOVING').exists()
              for p in directory.parent.glob(f'{directory.name}.after_{requested}.*'))

@@ -265,13 +265,15 @@ class MetricWriter:
     """Uploads metrics.jsonl and the TensorBoard files to a remote workdir
     (a no-op for a local one, which is written directly). TensorBoard's
     writer flushes in the background: its newest events may wait for the
-    next sync; `close` uploads everything. A failed upload is logged, not
-    raised: training goes on, and the next sync uploads it all again."""
-    if not self.enabled or self._jsonl is None or self._dir == self._workdir:
+    next sync; `close` uploads everything (or, if that upload fails, keeps
+    the local copy). A failed upload is logged, not raised: training goes
+    on, and the next sync uploads it all again."""
+    if not self.enabled or self._jsonl is None:
       return
     self._jsonl.flush()
     self._tb.flush()
-    self._upload('trying again at the next checkpoint')
+    if self._dir != self._workdir:
+      self._upload('trying again at the next checkpoint')
 
   def _upload(self, otherwise: str) -> bool:
     try:

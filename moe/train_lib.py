@@ -377,8 +377,9 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
     writer.sync()   # a remote workdir's metrics, up to this checkpoint
 
   # --- Metrics; compile and train in one try -------------------------------------------
-  # Whatever fails from here on, compilation included, still closes the
-  # writer (uploading a remote workdir's metrics) and the checkpointer.
+  # Whatever fails in the try, compilation included, still closes the writer
+  # (uploading a remote workdir's metrics) and the checkpointer; a SIGTERM
+  # during compilation saves after the first step.
   writer = metrics_lib.MetricWriter(workdir, total_steps=steps,
                                     progress=config.progress_bar or False)
   preempted = _Preemption(ckpt)

@@ -9,7 +9,8 @@ steps per model variant and --layer_calls calls per layer variant.
 Every timed function is the library's own (the MoE layer, the jitted train
 step of moe.train_lib.setup, and `moe.dispatch.expert_ffn` alone on random
 cf-1.25 buffers as the floor of the capacity paths, at the config's expert
-count and at the other one of the 64/8 figure): no benchmark-only code path.
+count and at 8 and 64 experts, the counts of the 64/8 figure): no
+benchmark-only code path.
 """
 
 import json
@@ -87,8 +88,9 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
   # cost before any routing or dispatch. Stored expert-major, [E, G, C, D],
   # as the `gather` path's gathers write them (XLA folds its [G, E, C, D]
   # view into the gather), so this floor pays no transposes the layer skips.
-  # Also at the other expert count of the 64/8 scaling figure (same k, F,
-  # cf: the same FLOPs in E times C rows), to see what the FFN adds to it.
+  # Also at whichever of 8 and 64 experts the config does not have, the two
+  # counts of the 64/8 scaling figure (same k, F, cf: about the same FLOPs
+  # in E x C rows, C rounded up), to see what the FFN adds to it.
   spg = m.seqs_per_group(batch, seq_len)
   for e in (m.num_experts, *(e for e in (8, 64) if e != m.num_experts)):
     cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(
@@ -188,10 +190,13 @@ def main(argv):
                               / moe_cfg.flops_per_token(config.seq_len)),
       'expert_scaling_64_over_8': at_experts(64) / at_experts(8),
       # The expert FFN's share of that: its fwd+bwd time at 64 experts minus
-      # at 8, in every MoE layer, over the step-time difference.
+      # at 8, in every MoE layer, over the step-time difference (None when
+      # the 64-expert step is not the slower one). An estimate: the floor
+      # is the gather path's FFN at cf 1.25, the steps use the config's.
       'expert_ffn_share_of_64_over_8': (
           moe_cfg.num_moe_layers * (at_floor(64) - at_floor(8))
-          / (at_experts(64) - at_experts(8))),
+          / (at_experts(64) - at_experts(8))
+          if at_experts(64) > at_experts(8) else None),
       'matmul_peak_gflops': peak / 1e9,
       'mfu_dense': flops['dense_total'] / peak,
       'mfu_moe': flops['moe'] / peak,
@@ -233,7 +238,7 @@ def main(argv):
   print(f"\n{result['device']}: {result['config']}\n")
   print('| figure | measured | target |\n|---|---|---|')
   for name, value, target in rows:
-    print(f'| {name} | {value:.3f} | {target} |')
+    print(f'| {name} | {"n/a" if value is None else f"{value:.3f}"} | {target} |')
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       json.dump(result, f, indent=2)

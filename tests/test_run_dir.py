@@ -130,6 +130,10 @@ def test_a_set_aside_cut_short_is_not_a_restart_done(fake_gcs):
   with pytest.raises(FileNotFoundError):
     checkpoint.move_aside(directory, [4, 6], 'after_2')     # 6 is not there: cut short
   assert not checkpoint.restarted_from(directory, 2)
+  # A folder set aside before the notes existed holds steps only: done.
+  (fake_gcs / 'bkt/run/checkpoints.after_3.20261101-120000/4/x').mkdir(parents=True)
+  (fake_gcs / 'bkt/run/checkpoints.after_3.20261101-120000/4/x/y').write_text('')
+  assert checkpoint.restarted_from(directory, 3)
 
 
 def test_a_failed_upload_is_retried_and_never_loses_metrics(fake_gcs, monkeypatch, caplog):
