@@ -175,13 +175,13 @@ class SentencePieceTokenizer:
     try:
       import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ImportError(
+      raise ConfigError(
           f'data.tokenizer={path!r} needs the sentencepiece package, which is '
           'not a dependency of moe: pip install sentencepiece') from e
     from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(path).exists():
-      raise FileNotFoundError(f'data.tokenizer={path!r}: no such SentencePiece '
-                              "model file (or use tokenizer='bytes').")
+      raise ConfigError(f'data.tokenizer={path!r}: no such SentencePiece '
+                        "model file (or use tokenizer='bytes').")
     self._sp = spm.SentencePieceProcessor(
         model_proto=epath.Path(path).read_bytes())
     n = self._sp.get_piece_size()
@@ -548,10 +548,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--text_files', default=None)
   parser.add_argument('--tokenizer', default='bytes')
   args = parser.parse_args(argv)
-  cfg = DataConfig(name=args.name, data_dir=args.data_dir,
-                   text_files=args.text_files, tokenizer=args.tokenizer)
   start = time.perf_counter()
-  builder = prepare(cfg)
+  try:   # bad input: one line, as from train.py (moe.config_flag.run)
+    cfg = DataConfig(name=args.name, data_dir=args.data_dir,
+                     text_files=args.text_files, tokenizer=args.tokenizer)
+    builder = prepare(cfg)
+  except (ConfigError, DatasetNotPreparedError) as e:
+    parser.exit(1, f'FATAL {type(e).__name__}: {e}\n')
   print(f'{cfg.name}: prepared at {builder.data_dir} '
         f'in {time.perf_counter() - start:.1f}s')
   for split in (cfg.train_split, cfg.eval_split):

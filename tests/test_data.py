@@ -134,6 +134,26 @@ def test_text_files_builder(corpus, tmp_path):
   assert len(source['validation']) == 1
 
 
+def test_prepare_command_line(corpus, tmp_path, capsys):
+  """python -m moe.data: prepares and prints the corpus' statistics; bad
+  input is one line, exit 1, as from train.py."""
+  cfg, docs = corpus
+  data.main(['--name', 'text_files', '--text_files', cfg.text_files,
+             '--data_dir', cfg.data_dir])
+  out = capsys.readouterr().out
+  train = data.split_stats(cfg, 'train')
+  assert f"  train: {train}" in out and '  vocab_size: 384' in out
+  assert train['documents'] + data.split_stats(cfg, 'validation')['documents'] == len(docs)
+  pattern = str(tmp_path / 'nothing' / '*.txt')
+  with pytest.raises(SystemExit) as e:
+    data.main(['--name', 'text_files', '--text_files', pattern])
+  assert e.value.code == 1
+  assert capsys.readouterr().err == (
+      f"FATAL ConfigError: text_files={pattern!r} matches no files (looked for "
+      f"{pattern!r}): nothing to build. Pass a directory or a glob such as "
+      '"/data/corpus/**/*.txt".\n')
+
+
 def test_empty_text_corpus_fails_before_building(tmp_path):
   pattern = str(tmp_path / 'nothing' / '*.txt')
   cfg = data.DataConfig(name='text_files', text_files=pattern,
@@ -233,7 +253,7 @@ def test_tokenizers(tmp_path):
     import sentencepiece  # noqa: F401
   except ImportError:
     cfg = data.DataConfig(tokenizer=str(tmp_path / 'spm.model'))
-    with pytest.raises(ImportError, match='pip install sentencepiece'):
+    with pytest.raises(ConfigError, match='pip install sentencepiece'):
       data.get_tokenizer(cfg)
 
 

@@ -31,7 +31,7 @@ import jax  # noqa: E402
 
 from moe import data, run_config, train_lib  # noqa: E402
 from moe import metrics as metrics_lib  # noqa: E402
-from moe.checkpoint import checkpoint_steps  # noqa: E402
+from moe.checkpoint import Checkpointer, checkpoint_steps  # noqa: E402
 from tiny import loop_settings, read_jsonl, shrink_trunk  # noqa: E402
 
 
@@ -437,6 +437,32 @@ def test_metrics_are_synced_at_every_checkpoint(data_dir, tmp_path, monkeypatch)
   monkeypatch.setattr(metrics_lib.MetricWriter, 'sync', recording_sync)
   _train(c, workdir)
   assert synced == [[1, 2], [1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize('failing', ['compile', 'writer_close'])
+def test_a_failure_still_closes_the_writer_and_the_checkpointer(failing, data_dir, tmp_path,
+                                                                monkeypatch):
+  """A compile error, or a writer that cannot close (a remote upload),
+  still closes the checkpointer, which waits for the last save."""
+  c = _shrink(_recipe('dense').get_config('cpu'), data_dir)
+  c.num_steps = c.checkpoint_every = 1
+  closed = []
+  for cls in (metrics_lib.MetricWriter, Checkpointer):
+    def close(self, real=cls.close, name=cls.__name__):
+      real(self)
+      closed.append(name)
+      if failing == 'writer_close' and name == 'MetricWriter':
+        raise OSError('upload failed')
+    monkeypatch.setattr(cls, 'close', close)
+  if failing == 'compile':
+    def compile_fails(self, *args, **kwargs):
+      raise RuntimeError('compile failed')
+    monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_fails)
+  with pytest.raises((RuntimeError, OSError), match='compile failed|upload failed'):
+    _train(c, str(tmp_path / 'run'))
+  assert closed == ['MetricWriter', 'Checkpointer']
+  if failing == 'writer_close':
+    assert checkpoint_steps(str(tmp_path / 'run')) == [1]   # the last save completed
 
 
 def test_relative_workdir_trains_and_checkpoints(data_dir, tmp_path, monkeypatch):
