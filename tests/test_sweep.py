@@ -219,3 +219,11 @@ def test_a_local_sweep_into_a_bucket_is_refused(data_dir, tmp_path):
   assert proc.returncode == 2
   assert "--workdir gs://bkt/sweep: the local launcher writes each run's log" in proc.stderr
   assert not os.path.exists(os.path.join(REPO, 'gs:'))
+
+
+def test_launched_steps_reads_the_runs_own_config(tmp_path):
+  """--report_only judges a run by the num_steps in its config.json; a run
+  directory without one (never started) falls back to the sweep's."""
+  assert sweep.launched_steps(str(tmp_path), 600) == 600
+  (tmp_path / 'config.json').write_text(json.dumps({'num_steps': 3, 'seed': 0}))
+  assert sweep.launched_steps(str(tmp_path), 600) == 3

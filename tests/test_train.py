@@ -488,3 +488,14 @@ def test_clip_with_the_steps_norm_equals_optax(scale):
   want, _ = optax.clip_by_global_norm(5.0).update(grads, optax.EmptyState())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, want)
   assert (float(norm) < 5.0) == (scale == 0.5)
+
+
+def test_clip_at_exactly_the_limit_leaves_the_gradients_unchanged():
+  """grad_norm == max_norm: scaled by max_norm / norm = 1, bit for bit."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.zeros((2, 2))}   # norm 5 exactly
+  norm = optax.tree.norm(grads)
+  assert float(norm) == 5.0
+  ours, _ = train_lib.clip_by_global_norm(5.0).update(grads, None, grad_norm=norm)
+  jax.tree.map(np.testing.assert_array_equal, ours, grads)
