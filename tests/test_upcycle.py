@@ -33,12 +33,13 @@ def _tiny(c, data_dir, *, steps):
   return c
 
 
-def _moe_config(data_dir, init_from, **moe):
-  """Layer 1 of 2 is MoE: E=4, top-2 with renormalized gates, capacity
-  factor E/k = 2 (every expert can hold the whole group: nothing drops even
-  though a zero router sends every token to experts 0 and 1)."""
+def _moe_config(data_dir, init_from, moe_every=2, **moe):
+  """Layer 1 of 2 is MoE (moe_every=2; both with 1): E=4, top-2 with
+  renormalized gates, capacity factor E/k = 2 (every expert can hold the
+  whole group: nothing drops even though a zero router sends every token to
+  experts 0 and 1)."""
   c = _tiny(switch_recipe.get_config('cpu'), data_dir, steps=1)
-  c.model.moe_every = 2       # layer 0 stays dense, layer 1 is MoE
+  c.model.moe_every = moe_every   # 2: layer 0 stays dense, layer 1 is MoE
   c.moe.num_experts = 4
   c.moe.top_k = 2
   c.moe.renormalize_gates = True
@@ -99,9 +100,10 @@ def test_upcycled_loss_at_step_0_equals_dense(dense_run, data_dir, tmp_path):
     assert json.load(f)['init_from'] == dense_dir
 
 
-def test_upcycled_parameters(dense_run, data_dir):
+@pytest.mark.parametrize('moe_every', [2, 1])
+def test_upcycled_parameters(moe_every, dense_run, data_dir):
   _, dense_dir = dense_run
-  c = _moe_config(data_dir, dense_dir)
+  c = _moe_config(data_dir, dense_dir, moe_every=moe_every)
   run = run_config.validate(c, jax.device_count())
   mesh = sharding.make_mesh(run.mesh_shape)
   s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, 1), mesh)
@@ -116,15 +118,18 @@ def test_upcycled_parameters(dense_run, data_dir):
   _, dense_params, _ = upcycle.restore_dense(dense_dir, mesh)
   moe = nnx.to_pure_dict(jax.device_get(state.params))
   dense = nnx.to_pure_dict(jax.device_get(dense_params))
-  experts = moe['blocks'][1]['ffn']
-  for name in ('w_gate', 'w_up', 'w_down'):
-    assert experts[name].shape[0] == 4
-    for e in range(4):
-      np.testing.assert_array_equal(experts[name][e], dense['blocks'][1]['ffn'][name])
-  assert not np.any(experts['w_router'])
-  for name in ('w_gate', 'w_up', 'w_down'):   # layer 0 stays dense
-    np.testing.assert_array_equal(moe['blocks'][0]['ffn'][name],
-                                  dense['blocks'][0]['ffn'][name])
+  for layer in range(2):
+    ffn, dense_ffn = moe['blocks'][layer]['ffn'], dense['blocks'][layer]['ffn']
+    if (layer + 1) % moe_every:                 # a layer that stays dense
+      assert 'w_router' not in ffn
+      for name in ('w_gate', 'w_up', 'w_down'):
+        np.testing.assert_array_equal(ffn[name], dense_ffn[name])
+      continue
+    for name in ('w_gate', 'w_up', 'w_down'):   # every expert is the dense FFN
+      assert ffn[name].shape[0] == 4
+      for e in range(4):
+        np.testing.assert_array_equal(ffn[name][e], dense_ffn[name])
+    assert not np.any(ffn['w_router'])
   np.testing.assert_array_equal(moe['embed'], dense['embed'])
   np.testing.assert_array_equal(moe['blocks'][1]['attn']['wq'],
                                 dense['blocks'][1]['attn']['wq'])
