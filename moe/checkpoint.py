@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moe import run_dir
+
 
 def _path(keys) -> str:
   """A tree path as 'a/b/0/c', the same for live trees and orbax metadata."""
@@ -51,7 +53,7 @@ class Checkpointer:
                read_only: bool = False):
     """read_only: for readers of another run's checkpoints (eval.py,
     upcycling), which must never create, clean up or delete anything there."""
-    if '://' not in directory:  # orbax needs absolute local paths
+    if not run_dir.is_remote(directory):  # orbax needs absolute local paths
       directory = os.path.abspath(directory)
     if read_only:
       logging.getLogger('absl').addFilter(_READ_ONLY_NOTICE)   # orbax logs through absl
@@ -142,10 +144,7 @@ class Checkpointer:
     (kept, never deleted) so a run restarted (restore_step=`requested`) from
     `step` can save again. The folder is made even when empty: it marks the
     restart as done (`restarted_from`)."""
-    aside = move_aside(self.manager.directory, [s for s in self.all_steps() if s > step],
-                       f'after_{requested}')
-    self.manager.reload()
-    return aside
+    return self._move_aside([s for s in self.all_steps() if s > step], f'after_{requested}')
 
   def set_aside_damaged(self, step: int | None) -> str | None:
     """Moves the step directories newer than `step` (None: all of them),
@@ -153,9 +152,10 @@ class Checkpointer:
     `<directory>.damaged.<time>` (kept, never deleted), so the resumed run
     can save those steps again. Returns the folder, or None if none moved."""
     newer = [s for s in self.all_steps() if step is None or s > step]
-    if not newer:
-      return None
-    aside = move_aside(self.manager.directory, newer, 'damaged')
+    return self._move_aside(newer, 'damaged') if newer else None
+
+  def _move_aside(self, steps, label: str) -> str:
+    aside = move_aside(self.manager.directory, steps, label)
     self.manager.reload()
     return aside
 

@@ -57,6 +57,15 @@ USER_ERRORS = (('moe.config', 'ConfigError'),
                ('moe.checkpoint', 'CheckpointError'))
 
 
+def user_error_line(e: BaseException) -> str | None:
+  """`FATAL <error>: <message>` for a USER_ERRORS error, else None. Only a
+  module already imported can have raised its error: nothing is imported
+  here, on the way out."""
+  user_errors = tuple(getattr(sys.modules[module], name)
+                      for module, name in USER_ERRORS if module in sys.modules)
+  return f'FATAL {type(e).__name__}: {e}\n' if isinstance(e, user_errors) else None
+
+
 def run(main) -> None:
   """`app.run(main)` with this module's flag parser. A USER_ERRORS error is
   reported like a bad flag: `FATAL <error>: <message>`, exit 1, without the
@@ -69,13 +78,10 @@ def run(main) -> None:
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      # Only a module already imported can have raised its error: nothing is
-      # imported here, on the way out.
-      user_errors = tuple(getattr(sys.modules[module], name)
-                          for module, name in USER_ERRORS if module in sys.modules)
-      if not isinstance(e, user_errors) or flags.FLAGS['verbosity'].present:
+      line = user_error_line(e)
+      if line is None or flags.FLAGS['verbosity'].present:
         raise
-      sys.stderr.write(f'FATAL {type(e).__name__}: {e}\n')
+      sys.stderr.write(line)
       sys.exit(1)
 
   app.run(main_reporting_user_errors, flags_parser=parse)

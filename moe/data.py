@@ -553,8 +553,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = DataConfig(name=args.name, data_dir=args.data_dir,
                      text_files=args.text_files, tokenizer=args.tokenizer)
     builder = prepare(cfg)
-  except (ConfigError, DatasetNotPreparedError) as e:
-    parser.exit(1, f'FATAL {type(e).__name__}: {e}\n')
+  except Exception as e:  # pylint: disable=broad-except
+    from moe import config_flag  # pylint: disable=g-import-not-at-top
+    line = config_flag.user_error_line(e)
+    if line is None:
+      raise
+    parser.exit(1, line)
   print(f'{cfg.name}: prepared at {builder.data_dir} '
         f'in {time.perf_counter() - start:.1f}s')
   for split in (cfg.train_split, cfg.eval_split):

@@ -207,11 +207,12 @@ class MetricWriter:
     # A remote (gs://) workdir cannot be appended to: write a local copy,
     # continuing the run's metrics.jsonl, and upload it at each `sync`.
     self._workdir = workdir
-    self._dir = tempfile.mkdtemp(prefix='moe_metrics_') if run_dir.is_remote(workdir) else workdir
-    os.makedirs(self._dir, exist_ok=True)
-    if self._dir != workdir:
-      run_dir.download(workdir, 'metrics.jsonl', self._dir)
-    path = os.path.join(self._dir, 'metrics.jsonl')
+    self._staging = tempfile.mkdtemp(prefix='moe_metrics_') if run_dir.is_remote(workdir) else None
+    directory = self._staging or workdir
+    os.makedirs(directory, exist_ok=True)
+    if self._staging:
+      run_dir.download(workdir, 'metrics.jsonl', self._staging)
+    path = os.path.join(directory, 'metrics.jsonl')
     self._jsonl = open(path, 'a', encoding='utf-8')
     if self._jsonl.tell() > 0:   # a crash may have left a partial last line
       with open(path, 'rb') as f:
@@ -219,7 +220,7 @@ class MetricWriter:
         if f.read(1) != b'\n':
           self._jsonl.write('\n')
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(self._dir, 'tensorboard'))
+    self._tb = SummaryWriter(os.path.join(directory, 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes train metrics: scalars, lists, strings, a RouterStats value."""
@@ -272,12 +273,12 @@ class MetricWriter:
       return
     self._jsonl.flush()
     self._tb.flush()
-    if self._dir != self._workdir:
+    if self._staging:
       self._upload('trying again at the next checkpoint')
 
   def _upload(self, otherwise: str) -> bool:
     try:
-      run_dir.upload(self._dir, self._workdir)
+      run_dir.upload(self._staging, self._workdir)
       return True
     except Exception as e:  # pylint: disable=broad-except  (any filesystem's error)
       logging.warning('could not upload metrics to %s (%s: %s); %s',
@@ -291,8 +292,8 @@ class MetricWriter:
       self._bar.close()
     self._tb.close()
     self._jsonl.close()
-    if self._dir != self._workdir and self._upload(f'they are kept in {self._dir}'):
-      shutil.rmtree(self._dir)
+    if self._staging and self._upload(f'they are kept in {self._staging}'):
+      shutil.rmtree(self._staging)
     self._jsonl = None
 
   def __enter__(self):

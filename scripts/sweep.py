@@ -66,6 +66,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
+from moe.run_dir import is_remote  # noqa: E402  (no jax: etils and moe.config only)
+
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg], e.g. configs/sweeps/experts.py.')
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Runs and results (default runs/sweeps/<sweep file name>[_<variant>]).')
@@ -265,7 +267,7 @@ def config_args(config_spec: str, run: Run) -> list[str]:
 
 
 def join(workdir: str, name: str) -> str:
-  return workdir.rstrip('/') + '/' + name if '://' in workdir else os.path.join(workdir, name)
+  return workdir.rstrip('/') + '/' + name if is_remote(workdir) else os.path.join(workdir, name)
 
 
 # --- Run state ----------------------------------------------------------------------------
@@ -528,7 +530,7 @@ def _main() -> int:
   swept = list(dict.fromkeys(k for r in runs for k in r.values))
   configs = {r.name: build_config(base, r) for r in runs}
   launcher = 'print' if (_LAUNCHER.value == 'local' and _DRY_RUN.value) else _LAUNCHER.value
-  if launcher == 'local' and '://' in workdir and not _REPORT_ONLY.value:
+  if launcher == 'local' and is_remote(workdir) and not _REPORT_ONLY.value:
     raise SweepError(f'--workdir {workdir}: the local launcher writes each run\'s log '
                      'beside it, so give a local path (or --launcher tpu for gs://).')
   # With --launcher print, stdout holds only the commands.
@@ -626,7 +628,7 @@ def _main() -> int:
             file=sys.stderr)
       rows.append({'run': run.name, 'status': 'unreadable', **run.values})
   results_dir = _RESULTS_DIR.value or (
-      local_dir if '://' in workdir else workdir)
+      local_dir if is_remote(workdir) else workdir)
   paths = write_results(rows, results_dir, swept, _METRIC.value, _X.value, title)
   print('results:', ', '.join(paths.values()))
   unfinished = [r['run'] for r in rows if r['status'] != 'finished']

@@ -81,7 +81,7 @@ def test_metrics_on_gcs_upload_at_sync_and_continue_on_resume(fake_gcs):
         {'step': 1, 'loss': 4.0}, {'step': 1, 'eval/loss': 3.5}]
     w.write(2, {'loss': 3.0})
     assert len(remote.read_text().splitlines()) == 2   # not before the next sync
-    staging = w._dir
+    staging = w._staging
   assert not os.path.exists(staging)           # close uploaded, then cleaned up
   tb = read_tb(fake_gcs / 'bkt/run')
   assert tb['loss'] == [(1, 4.0), (2, 3.0)] and tb['eval/loss'] == [(1, 3.5)]
@@ -160,9 +160,9 @@ def test_a_failed_upload_is_retried_and_never_loses_metrics(fake_gcs, monkeypatc
   failing[0] = True
   w.write(3, {'loss': 2.0})
   w.close()                                      # fails too: the local copy stays
-  assert f'they are kept in {w._dir}' in caplog.text
-  assert steps(os.path.join(w._dir, 'metrics.jsonl')) == [1, 2, 3]
-  shutil.rmtree(w._dir)
+  assert f'they are kept in {w._staging}' in caplog.text
+  assert steps(os.path.join(w._staging, 'metrics.jsonl')) == [1, 2, 3]
+  shutil.rmtree(w._staging)
 
 
 @pytest.mark.parametrize('path, match', [
