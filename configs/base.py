@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_files = ''          # glob or directory, for name='text_files'
   c.data.tokenizer = 'bytes'      # or a SentencePiece .model path
   c.data.eval_split = 'validation'
+  c.data.row_shuffle = 'auto'     # training rows: 'global' (a permutation of every
+                                  # packed row), 'window' (for corpora too large to
+                                  # index) or 'auto' (global up to 1 GiB stored)
+  c.data.shuffle_window = 8192    # rows per shuffle window ('window' order)
 
   # Batches and schedule.
   c.batch_size = 16               # global sequences per step
@@ -89,7 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Loop.
   c.log_every = 50
   c.eval_every = 250
-  c.eval_batches = 8              # validation batches per evaluation (0: all)
+  c.eval_batches = 8              # periodic evals: batches spread over the
+                                  # validation split (0: the whole split)
+  c.final_eval_batches = 0        # the last step's eval and eval.py (0: whole split)
   c.checkpoint_every = 500
   c.max_to_keep = 3
   c.nonfinite = 'skip'            # non-finite loss/grads: 'skip' the update or 'stop'

@@ -32,6 +32,8 @@ def get_config(arg: str = 'cpu'):
     c.moe.expert_dim = 256
     c.num_steps = 600
     c.eval_every = 100
+    c.eval_batches = 16     # periodic evals: 256 rows spread over the split;
+                            # the last step's: the whole split (~3,560 rows)
     c.checkpoint_every = 200
   elif arg == 'gpu':
     one_gpu(c)
@@ -83,3 +85,4 @@ def real_scale(c):
   c.checkpoint_every = 1000
   c.log_every = 100
   c.eval_batches = 32
+  c.final_eval_batches = 256       # rows spread over c4's validation split

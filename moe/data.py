@@ -4,16 +4,18 @@ Public interface::
 
   DataConfig(name='python_stdlib', data_dir=None, text_files=None,
              tokenizer='bytes', text_key='text', train_split='train',
-             eval_split='validation', read_threads=2)      # frozen, validated
+             eval_split='validation', read_threads=2, row_shuffle='auto',
+             shuffle_window=8192)                   # frozen, validated
   prepare(cfg) -> tfds DatasetBuilder        # builds our corpora once, reuses
   check_source(cfg)                          # refuses what cannot be read, early
   get_tokenizer(cfg) -> Tokenizer            # .vocab_size .eos_id .pad_id
                                              # .encode(text) .decode(ids)
   vocab_size(cfg) -> int                     # = get_tokenizer(cfg).vocab_size
+  row_shuffle(cfg, split) -> 'global' | 'window'   # 'auto' resolved
   train_iterator(cfg, *, seq_len, batch_size, seed, shard_index=None,
                  shard_count=None) -> grain.DatasetIterator   # endless
-  eval_batches(cfg, *, seq_len, batch_size, max_batches=None,
-               shard_index=None, shard_count=None) -> Iterable  # finite
+  eval_set(cfg, *, seq_len, batch_size, max_batches=None,
+           shard_index=None, shard_count=None) -> EvalSet   # of EvalBatch
   global_batch(local_batch, sharding) -> jax.Array
   unigram_entropy(cfg, *, max_tokens=None) -> float  # nats/token, train split
   split_stats(cfg, split) -> {'documents', 'bytes', 'tokens'}
@@ -50,21 +52,36 @@ consecutive, non-overlapping rows of `seq_len + 1` tokens (the model predicts
 tokens[:, 1:] from tokens[:, :-1], so the pair across a row boundary is not
 trained on). Rows carry no padding.
 
-Training stream: the training documents are sharded by process (document i
-goes to shard i % shard_count; shard defaults: jax.process_index() /
-jax.process_count(), so call after jax.distributed.initialize), shuffled
-per epoch by grain with `seed`, repeated forever, tokenized, packed and
-batched to int32 arrays [batch_size, seq_len + 1] (batch_size is per
-process). The iterator's get_state() / set_state() (JSON-serializable; what
-orbax's grain handler saves) restore it exactly: the batches after restoring
-equal those of an uninterrupted run. The state counts documents of this
-process's shard, so restore with the same shard_count.
+Training rows are shuffled, not only documents, so that a batch is a sample
+of the corpus rather than 2 KB of one file (DESIGN.md §3). Two orders
+(`DataConfig.row_shuffle`; 'auto', the default, takes 'global' for a split
+stored in at most GLOBAL_SHUFFLE_MAX_BYTES, else 'window'):
+  * 'global' (Megatron's GPT dataset): the split's documents are tokenized
+    once into memory, concatenated in an order drawn from `seed`, and cut
+    into rows; a grain MapDataset then draws the rows in a permutation of
+    all of them, a new one each epoch (grain's per-epoch index shuffle).
+    Global batch t is rows [t*B, (t+1)*B) of that order and process p takes
+    its p-th slice, so the batches are the same for any number of
+    processes, and processes read disjoint rows.
+  * 'window' (corpora too large to index): documents are sharded by process
+    (document i to shard i % shard_count), shuffled per epoch, tokenized and
+    packed as they stream, and the rows are shuffled in windows of
+    `shuffle_window` rows (grain's WindowShuffleIterDataset). A batch then
+    mixes the documents of one window.
+Either way the order is a function of `seed` alone (an MoE and its twins
+read the same batches), repeats forever with a new order each epoch, and
+the iterator's get_state() / set_state() (JSON-serializable; what orbax's
+grain handler saves) restore it exactly, mid-epoch too. The state belongs
+to this process's shard: restore with the same shard_count.
 
-Evaluation stream: the eval split in stored order, packed the same way,
-grouped into global batches of batch_size * shard_count rows of which each
-process gets its own batch_size rows, so every process yields the same number
-of batches; the final partial global batch is dropped. Iterating again gives
-the same batches.
+Evaluation (`eval_set`): a fixed set of rows, the same for every run of a
+(corpus, seq_len, batch size). max_batches=None is the whole eval split,
+documents in stored order, its last global batch padded with weight-0
+rows; max_batches=N is N global batches of rows spread evenly over the
+whole split (never its first batches; for a split too large to hold, whole
+documents in a fixed random order until N batches are full). Each batch
+carries row weights and the document of every target token, so losses can
+be exact over the set and per document (bootstrap intervals, report.py).
 """
 
 from __future__ import annotations
@@ -80,7 +97,7 @@ import re
 import shlex
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -93,6 +110,11 @@ from moe.config import ConfigError
 OUR_DATASETS = ('python_stdlib', 'text_files')
 _TFDS_NAME = re.compile(r'^[a-z][a-z0-9_]*(/[A-Za-z0-9_.+-]+)?(:[0-9.*]+)?$')
 VOCAB_MULTIPLE = 128
+ROW_SHUFFLES = ('auto', 'global', 'window')
+# 'auto' shuffles rows globally up to this stored split size: the split's
+# tokens are then held in memory (2 bytes a token for vocabularies up to
+# 65,536), by every process.
+GLOBAL_SHUFFLE_MAX_BYTES = 1 << 30
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -112,6 +134,8 @@ class DataConfig:
   train_split: str = 'train'
   eval_split: str = 'validation'    # e.g. 'test' for lm1b
   read_threads: int = 2             # grain reader threads (0: read inline)
+  row_shuffle: str = 'auto'         # 'global', 'window' or 'auto' (module doc)
+  shuffle_window: int = 8192        # rows per shuffle window ('window' order)
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not _TFDS_NAME.match(self.name):
@@ -144,6 +168,13 @@ class DataConfig:
     if not isinstance(self.read_threads, int) or self.read_threads < 0:
       raise ConfigError(
           f'data.read_threads={self.read_threads!r} must be an int >= 0.')
+    if self.row_shuffle not in ROW_SHUFFLES:
+      raise ConfigError(f'data.row_shuffle={self.row_shuffle!r} is not valid; '
+                        f'choose one of {ROW_SHUFFLES}.')
+    if (not isinstance(self.shuffle_window, int)
+        or isinstance(self.shuffle_window, bool) or self.shuffle_window < 1):
+      raise ConfigError(f'data.shuffle_window={self.shuffle_window!r} must be '
+                        'an int >= 1 (rows).')
 
 
 # --- Tokenizers --------------------------------------------------------------
@@ -400,6 +431,48 @@ class _PackIterDataset(grain.IterDataset):
     return f'PackIterDataset(length={self._length})'
 
 
+class _Rows:
+  """Random access to the rows of a packed token stream: row i is
+  stream[i * length:(i + 1) * length] as int32 (a grain data source)."""
+
+  def __init__(self, stream: np.ndarray, length: int):
+    self._stream, self._length = stream, length
+
+  def __len__(self) -> int:
+    return len(self._stream) // self._length
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    start = int(i) * self._length
+    return self._stream[start:start + self._length].astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _split_tokens(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(stream, starts): every document of `split` in stored order, each
+  followed by EOS, as one array (uint16 where the vocab fits, else uint32),
+  and each document's first index in it (one more entry: the end)."""
+  source = _source(cfg, split)
+  tok = get_tokenizer(cfg)
+  docs = [tok.encode(source[i][cfg.text_key]) for i in range(len(source))]
+  dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+  starts = np.zeros(len(docs) + 1, np.int64)
+  starts[1:] = np.cumsum([len(d) + 1 for d in docs])
+  stream = np.empty(int(starts[-1]), dtype)
+  for d, start in zip(docs, starts[:-1]):
+    stream[start:start + len(d)] = d
+    stream[start + len(d)] = tok.eos_id
+  return stream, starts
+
+
+def row_shuffle(cfg: DataConfig, split: str) -> str:
+  """'global' or 'window': cfg.row_shuffle, with 'auto' resolved by the
+  split's stored size (global up to GLOBAL_SHUFFLE_MAX_BYTES)."""
+  if cfg.row_shuffle != 'auto':
+    return cfg.row_shuffle
+  info = prepare(cfg).info.splits[split]
+  return 'global' if int(info.num_bytes) <= GLOBAL_SHUFFLE_MAX_BYTES else 'window'
+
+
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
   if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
       or value < lo or (hi is not None and value > hi)):
@@ -427,72 +500,134 @@ def train_iterator(cfg: DataConfig, *, seq_len: int, batch_size: int,
   """An endless, checkpointable iterator of int32 [batch_size, seq_len + 1].
 
   batch_size is per process; shard_index/shard_count default to
-  jax.process_index()/jax.process_count()."""
+  jax.process_index()/jax.process_count(). See the module docstring for the
+  two row orders ('global', 'window')."""
   _check_int('seq_len', seq_len, 1)
   _check_int('batch_size', batch_size, 1)
   _check_int('seed', seed, 0, 2**32 - 1)
   shard_index, shard_count = _shards(shard_index, shard_count)
+  length = seq_len + 1
+  if row_shuffle(cfg, cfg.train_split) == 'global':
+    stream, starts = _split_tokens(cfg, cfg.train_split)
+    order = np.random.default_rng(seed).permutation(len(starts) - 1)
+    stream = np.concatenate([stream[starts[d]:starts[d + 1]] for d in order])
+    rows = _Rows(stream, length)
+    if len(rows) < batch_size * shard_count:
+      raise ConfigError(
+          f'{cfg.name!r} split {cfg.train_split!r} packs into {len(rows)} rows '
+          f'of seq_len+1={length} tokens, fewer than one global batch '
+          f'({batch_size} x {shard_count} processes).')
+    # Global batch t is rows [t*B, (t+1)*B) of the shuffled order; process p
+    # takes its p-th slice, so any process count reads the same batches.
+    ds = grain.MapDataset.source(rows).shuffle(seed=int(seed)).repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
+    return iter(ds.to_iter_dataset(_read_options(cfg)))
   source = _source(cfg, cfg.train_split)
   if len(source) < shard_count:
     raise ConfigError(
         f'{cfg.name!r} split {cfg.train_split!r} has {len(source)} documents, '
         f'fewer than shard_count={shard_count} processes.')
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  ds = ds.shuffle(seed=int(seed)).repeat()  # a new order every epoch
-  ds = ds.map(_Tokenize(get_tokenizer(cfg), cfg.text_key))
-  it = _PackIterDataset(ds.to_iter_dataset(_read_options(cfg)), seq_len + 1)
-  return iter(it.batch(batch_size, drop_remainder=True))
+  docs = grain.MapDataset.source(source)[shard_index::shard_count]
+  docs = docs.shuffle(seed=int(seed)).repeat()  # a new order every epoch
+  docs = docs.map(_Tokenize(get_tokenizer(cfg), cfg.text_key))
+  rows = _PackIterDataset(docs.to_iter_dataset(_read_options(cfg)), length)
+  rows = grain.experimental.WindowShuffleIterDataset(
+      rows, window_size=cfg.shuffle_window, seed=int(seed))
+  return iter(rows.batch(batch_size, drop_remainder=True))
 
 
-class _EvalBatches(Iterable[np.ndarray]):
-  """Re-iterable: each pass yields the same finite sequence of batches."""
+class EvalBatch(NamedTuple):
+  tokens: np.ndarray    # int32 [batch_size, seq_len + 1]: this process's rows
+  weights: np.ndarray   # float32 [global batch]: 1 for a row of the set, 0 for padding
+  documents: np.ndarray  # int32 [global batch, seq_len]: each target's document
 
-  def __init__(self, cfg, source, seq_len, batch_size, max_batches,
-               shard_index, shard_count):
-    self._cfg, self._source = cfg, source
-    self._seq_len, self._batch_size = seq_len, batch_size
-    self._max_batches = max_batches
-    self._shard_index, self._shard_count = shard_index, shard_count
 
-  def __iter__(self) -> Iterator[np.ndarray]:
-    ds = grain.MapDataset.source(self._source).map(
-        _Tokenize(get_tokenizer(self._cfg), self._cfg.text_key))
-    rows = _PackIterDataset(ds.to_iter_dataset(_read_options(self._cfg)),
-                            self._seq_len + 1)
-    per_global = self._batch_size * self._shard_count
+class EvalSet(Iterable[EvalBatch]):
+  """A fixed set of evaluation rows, re-iterable: every pass yields the same
+  batches. Attributes: `rows`, `tokens` (targets evaluated), `documents`
+  (documents with at least one target), `num_documents` (of the sampled
+  stream: the size of per-document arrays), `whole_split` (bool)."""
+
+  def __init__(self, rows: np.ndarray, row_docs: np.ndarray, num_documents: int,
+               whole_split: bool, batch_size: int, shard_index: int,
+               shard_count: int):
+    self._rows, self._row_docs = rows, row_docs   # [R, L] tokens, [R, L-1] docs
+    self._batch_size, self._shard_index = batch_size, shard_index
+    self._global = batch_size * shard_count
+    self.rows = len(rows)
+    self.tokens = int(rows.shape[0] * (rows.shape[1] - 1))
+    self.documents = int(len(np.unique(row_docs)))
+    self.num_documents = num_documents
+    self.whole_split = whole_split
+
+  def __len__(self) -> int:
+    return -(-self.rows // self._global)
+
+  def __iter__(self) -> Iterator[EvalBatch]:
     lo = self._shard_index * self._batch_size
-    buf, count, seen = [], 0, 0
-    for row in rows:
-      seen += 1
-      buf.append(row)
-      if len(buf) == per_global:
-        yield np.stack(buf[lo:lo + self._batch_size])
-        buf, count = [], count + 1
-        if self._max_batches is not None and count >= self._max_batches:
-          return
-    if count == 0:
-      raise ValueError(
-          f'{self._cfg.name!r} split {self._cfg.eval_split!r} packs into only '
-          f'{seen} rows of seq_len+1={self._seq_len + 1} tokens, fewer than '
-          f'one global eval batch ({self._batch_size} x {self._shard_count} '
-          'processes): use a smaller eval batch or seq_len.')
+    for b in range(len(self)):
+      # The last batch is filled up with the set's first rows, weighted 0.
+      idx = np.arange(b * self._global, (b + 1) * self._global)
+      weights = (idx < self.rows).astype(np.float32)
+      idx %= self.rows
+      yield EvalBatch(self._rows[idx[lo:lo + self._batch_size]].astype(np.int32),
+                      weights, self._row_docs[idx])
 
 
-def eval_batches(cfg: DataConfig, *, seq_len: int, batch_size: int,
-                 max_batches: int | None = None,
-                 shard_index: int | None = None,
-                 shard_count: int | None = None) -> Iterable[np.ndarray]:
-  """The eval split as a finite, re-iterable sequence of int32
-  [batch_size, seq_len + 1] batches (batch_size per process; every process
-  gets the same number of batches)."""
+def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
+             max_batches: int | None = None, shard_index: int | None = None,
+             shard_count: int | None = None) -> EvalSet:
+  """The rows evaluation reads, fixed for a (cfg, seq_len, batch_size).
+
+  max_batches=None: the whole eval split (documents in stored order, packed,
+  the last batch padded with weight-0 rows). max_batches=N: N global batches
+  of rows spread evenly over the whole split (the split packed in stored
+  order, where it fits in memory by `row_shuffle`'s rule; else documents in a
+  fixed random order, packed until N batches are full). Never the split's
+  first batches."""
   _check_int('seq_len', seq_len, 1)
   _check_int('batch_size', batch_size, 1)
   if max_batches is not None:
     _check_int('max_batches', max_batches, 1)
   shard_index, shard_count = _shards(shard_index, shard_count)
-  source = _source(cfg, cfg.eval_split)
-  return _EvalBatches(cfg, source, seq_len, batch_size, max_batches,
-                      shard_index, shard_count)
+  length, per_global = seq_len + 1, batch_size * shard_count
+  split = cfg.eval_split
+  covers_split = max_batches is None or row_shuffle(cfg, split) == 'global'
+  if covers_split:
+    stream, starts = _split_tokens(cfg, split)
+    num_documents = len(starts) - 1
+  else:   # too large to hold: a fixed random sample of whole documents
+    source = _source(cfg, split)
+    tok = get_tokenizer(cfg)
+    order = np.random.default_rng(0).permutation(len(source))
+    parts, need = [], max_batches * per_global * length
+    for i in order:
+      parts.append(np.append(tok.encode(source[int(i)][cfg.text_key]), tok.eos_id))
+      need -= len(parts[-1])
+      if need <= 0:
+        break
+    stream = np.concatenate(parts)
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+    num_documents = len(parts)
+  num_rows = len(stream) // length
+  if num_rows < per_global:
+    raise ValueError(
+        f'{cfg.name!r} split {split!r} packs into only {num_rows} rows of '
+        f'seq_len+1={length} tokens, fewer than one global eval batch '
+        f'({batch_size} x {shard_count} processes): use a smaller eval batch '
+        'or seq_len.')
+  rows = stream[:num_rows * length].reshape(num_rows, length)
+  # The document of each target token (position j + 1 of its row).
+  docs = np.searchsorted(starts, np.arange(num_rows * length), side='right') - 1
+  row_docs = docs.reshape(num_rows, length)[:, 1:].astype(np.int32)
+  whole = covers_split and (max_batches is None
+                            or max_batches * per_global >= num_rows)
+  if max_batches is not None and max_batches * per_global < num_rows:
+    pick = np.linspace(0, num_rows, max_batches * per_global, endpoint=False)
+    pick = pick.astype(np.int64)
+    rows, row_docs = rows[pick], row_docs[pick]
+  return EvalSet(rows, row_docs, num_documents, whole, batch_size,
+                 shard_index, shard_count)
 
 
 def global_batch(local_batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

@@ -1,7 +1,10 @@
 """Evaluates a checkpoint under the current mesh: loss, perplexity, bits per
 byte, per-layer expert load, and a capacity what-if.
 
-The what-if evaluates the same validation batches once per factor in
+Evaluated on the set of the training run's final evaluation
+(`final_eval_batches`; 0, the default, is the whole validation split);
+eval.json states its tokens and documents. The what-if evaluates the same
+validation batches once per factor in
 `eval.capacity_factors` ('dropless': room for every token), so the dropped
 fraction and the loss can be read side by side; the model's own
 `eval_capacity_factor` row is what training-time evals report.
@@ -44,23 +47,28 @@ def run_eval(config, workdir: str) -> dict:
     ckpt.close()
 
   local_batch = config.batch_size // jax.process_count()
-  batches = data.eval_batches(run.data, seq_len=config.seq_len,
-                              batch_size=local_batch,
-                              max_batches=config.eval_batches or None)
+  # The set of the training run's final evaluation (final_eval_batches;
+  # 0: the whole split), also for every row of the what-if.
+  eval_set = data.eval_set(run.data, seq_len=config.seq_len,
+                           batch_size=local_batch,
+                           max_batches=config.final_eval_batches or None)
   stats = data.split_stats(run.data, run.data.eval_split)
   tokens_per_byte = stats['tokens'] / max(stats['bytes'], 1)
 
-  result = metrics_lib.summarize(evaluate(s, state, batches))
+  result = metrics_lib.summarize(evaluate(s, state, eval_set)[0])
   loss = result['loss']
   result.update(step=step, perplexity=math.exp(min(loss, 700.0)),
-                bits_per_byte=loss / math.log(2) * tokens_per_byte)
+                bits_per_byte=loss / math.log(2) * tokens_per_byte,
+                eval_set='whole split' if eval_set.whole_split else
+                f'{eval_set.rows} rows spread over the split')
   if run.model.is_moe:
     m = run.model.moe
     group = m.seqs_per_group(config.batch_size, config.seq_len) * config.seq_len
 
     def at(cf):   # the model's own eval capacity is the pass above
       own = m.capacity(group, train=False, factor=cf) == m.capacity(group, train=False)
-      return result if own else metrics_lib.summarize(evaluate(s, state, batches, cf))
+      return result if own else metrics_lib.summarize(
+          evaluate(s, state, eval_set, cf)[0])
 
     result['capacity_what_if'] = [
         {'capacity_factor': cf,
@@ -74,8 +82,9 @@ def run_eval(config, workdir: str) -> dict:
 
 def format_table(result: dict) -> str:
   """The printed eval summary (markdown)."""
-  lines = [f"eval at step {result['step']}", '',
-           '| metric | value |', '|---|---|']
+  lines = [f"eval at step {result['step']} on {result['eval_set']}: "
+           f"{result['tokens']:,.0f} tokens of {result['documents']:,.0f} "
+           'documents', '', '| metric | value |', '|---|---|']
   for key in ('loss', 'perplexity', 'bits_per_byte', 'dropped_fraction',
               'load_max_over_mean', 'router_entropy', 'dead_experts'):
     if key in result:

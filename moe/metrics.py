@@ -53,7 +53,10 @@ Other train keys: `loss`, `total_loss`, `aux_loss`, `z_loss`, `grad_norm`,
 Eval: `write_eval(step, metrics)` writes the same names with an `eval/`
 prefix into the same JSONL file and TensorBoard run: `eval/loss`,
 `eval/per_layer/dropped_fraction` (JSONL), `eval/dropped_fraction/layer_0`
-(TensorBoard), ...
+(TensorBoard), ..., plus `eval/tokens` and `eval/documents`, the size of the
+evaluated set. The last step's evaluation, on the set of
+`final_eval_batches` (0: the whole split), is written again under a
+`final/` prefix (`final/loss`, ...).
 
 Throughput and MFU: `tflops_per_sec` is model FLOPs (active experts only,
 `ModelConfig.flops_per_token`) per second summed over all devices;
@@ -230,11 +233,13 @@ class MetricWriter:
     self._write(step, metrics, prefix='')
     self._update_bar(step, metrics)
 
-  def write_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Writes eval metrics under the `eval/` prefix (JSONL and TensorBoard)."""
+  def write_eval(self, step: int, metrics: Mapping[str, Any], *,
+                 prefix: str = 'eval/') -> None:
+    """Writes eval metrics under `prefix` (JSONL and TensorBoard): `eval/`
+    for the periodic evaluations, `final/` for the last step's."""
     if not self.enabled:
       return
-    self._write(step, _expand(metrics), prefix='eval/')
+    self._write(step, _expand(metrics), prefix=prefix)
 
   def _write(self, step, metrics, prefix):
     line = {'step': int(step)}

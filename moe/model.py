@@ -98,13 +98,16 @@ def lm_loss(model: Transformer, tokens, *, train: bool,
   """Next-token loss. tokens: [B, T+1] -> (total loss, metrics dict).
 
   metrics: `loss` (cross-entropy), `aux_loss`, `z_loss` (means over MoE
-  layers), and `router` (RouterStats stacked over MoE layers) for MoE models.
+  layers), and `router` (RouterStats stacked over MoE layers) for MoE models;
+  in evaluation (train=False) also `token_loss`, each target's cross-entropy
+  [B, T], for losses over a padded set or per document.
   """
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   logits, stats = model(inputs, train=train, rng=rng, capacity_factor=capacity_factor)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-  metrics = {'loss': ce}
+  token_ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
+  ce = jnp.mean(token_ce)
+  metrics = {'loss': ce} if train else {'loss': ce, 'token_loss': token_ce}
   total = ce
   if stats is not None:
     m = model.cfg.moe

@@ -25,7 +25,8 @@ NONFINITE = ('skip', 'stop')
 TOP_LEVEL_KEYS = (
     'seed', 'model', 'moe', 'data', 'batch_size', 'seq_len', 'num_steps',
     'restore_step', 'skip_batches', 'init_from', 'optimizer', 'mesh', 'fsdp',
-    'log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
+    'log_every', 'eval_every', 'eval_batches', 'final_eval_batches',
+    'checkpoint_every',
     'max_to_keep', 'nonfinite', 'restore_fallback', 'peak_flops_per_device',
     'progress_bar', 'eval')
 OPTIMIZER_KEYS = ('name', 'learning_rate', 'warmup_steps', 'decay',
@@ -100,7 +101,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Run:
   if not isinstance(config.restore_step, int) or config.restore_step < -1:
     raise ConfigError(f'restore_step={config.restore_step!r} must be -1 (newest) '
                       'or a step >= 0.')
-  _positive(config, 'seed', 'skip_batches', 'eval_batches',
+  _positive(config, 'seed', 'skip_batches', 'eval_batches', 'final_eval_batches',
             'optimizer.warmup_steps', 'optimizer.weight_decay',
             'optimizer.grad_clip', 'optimizer.min_lr_ratio',
             'peak_flops_per_device', allow_zero=True)

@@ -209,15 +209,40 @@ def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
 
 # --- The loop ----------------------------------------------------------------------
 
-def evaluate(s: Setup, state: TrainState, batches, capacity_factor=None) -> dict:
-  """Mean eval metrics over `batches` (per-process rows -> global arrays)."""
+class DocumentLosses(NamedTuple):
+  """An evaluation's loss per document of its set (data.EvalSet)."""
+  loss_sum: np.ndarray   # float64 [num_documents]: summed target losses
+  tokens: np.ndarray     # float64 [num_documents]: targets evaluated
+
+  def to_json(self) -> str:
+    return json.dumps({'loss_sum': self.loss_sum.tolist(),
+                       'tokens': self.tokens.astype(np.int64).tolist()})
+
+
+def evaluate(s: Setup, state: TrainState, eval_set: data.EvalSet,
+             capacity_factor=None) -> tuple[dict, DocumentLosses]:
+  """Eval metrics over `eval_set`, and its losses per document.
+
+  `loss` is exact over the set's target tokens (padding rows weigh 0); the
+  router statistics are means over its batches. `tokens` and `documents`
+  give the set's size."""
+  n_docs = eval_set.num_documents
+  loss_sum, tokens = np.zeros(n_docs), np.zeros(n_docs)
   totals, n = None, 0
-  for local in batches:
-    m = s.eval_step(state, data.global_batch(local, s.batch_sharding), capacity_factor)
-    m = jax.device_get(m)
+  for batch in eval_set:
+    tokens_in = data.global_batch(batch.tokens, s.batch_sharding)
+    m = jax.device_get(s.eval_step(state, tokens_in, capacity_factor))
+    weights = np.broadcast_to(batch.weights[:, None], m['token_loss'].shape)
+    loss_sum += np.bincount(batch.documents.ravel(),
+                            (m.pop('token_loss') * weights).ravel(), n_docs)
+    tokens += np.bincount(batch.documents.ravel(), weights.ravel(), n_docs)
+    del m['loss']   # recomputed exactly, below
     totals = m if totals is None else jax.tree.map(np.add, totals, m)
     n += 1
-  return jax.tree.map(lambda x: x / n, totals)
+  metrics = jax.tree.map(lambda x: x / n, totals)
+  metrics.update(loss=float(loss_sum.sum() / tokens.sum()),
+                 tokens=eval_set.tokens, documents=eval_set.documents)
+  return metrics, DocumentLosses(loss_sum, tokens)
 
 
 class _Preemption:
@@ -297,10 +322,13 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   local_batch = config.batch_size // jax.process_count()
   train_it = data.train_iterator(run.data, seq_len=config.seq_len,
                                  batch_size=local_batch, seed=config.seed)
-  eval_set = data.eval_batches(run.data, seq_len=config.seq_len,
-                               batch_size=local_batch,
-                               max_batches=config.eval_batches or None)
-  next(iter(eval_set))  # an eval split too small for one batch fails now
+  # Periodic evaluations read `eval_batches` batches spread over the
+  # validation split; the last step's reads `final_eval_batches` (0: both the
+  # whole split). Too small a split for one batch fails here.
+  eval_set, final_set = (
+      data.eval_set(run.data, seq_len=config.seq_len, batch_size=local_batch,
+                    max_batches=n or None)
+      for n in (config.eval_batches, config.final_eval_batches))
 
   # --- Mesh, model and optimizer -----------------------------------------------
   mesh = sharding.make_mesh(run.mesh_shape)
@@ -442,8 +470,16 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
                     data_crc=progress['data_crc'])
         writer.write(step, last)
       if evaluate_now:
-        last_eval = metrics_lib.summarize(evaluate(s, state, eval_set))
+        last_eval, per_doc = evaluate(s, state, eval_set)
+        last_eval = metrics_lib.summarize(last_eval)
         writer.write_eval(step, last_eval)
+        if step == steps:
+          if config.final_eval_batches != config.eval_batches:
+            last_eval, per_doc = evaluate(s, state, final_set)
+            last_eval = metrics_lib.summarize(last_eval)
+          writer.write_eval(step, last_eval, prefix='final/')
+          if jax.process_index() == 0:   # for compare's bootstrap intervals
+            run_dir.write_text(workdir, 'final_eval_documents.json', per_doc.to_json())
         throughput.start(step)
       if save_now:
         save(step)

@@ -1,5 +1,7 @@
 """Benchmarks: MoE overhead, throughput against the dense twin, expert-count
-scaling, MFU, compile time and memory. One process, variants interleaved,
+scaling, MFU, compile time and memory, and whether the input pipeline keeps
+up (rows per second of the config's training iterator against what the MoE's
+step consumes). One process, variants interleaved,
 compile time excluded from step times, medians over at least --steps timed
 steps per model variant and --layer_calls calls per layer variant.
 
@@ -37,6 +39,9 @@ _LAYER_CALLS = flags.DEFINE_integer(
     'interleaved rounds of up to 5. '
     'A layer call takes milliseconds: fewer calls let one burst of load on a '
     'shared machine swing a ratio by a third.', lower_bound=1)
+_LOADER_BATCHES = flags.DEFINE_integer(
+    'loader_batches', 200, 'Batches drawn from the training iterator to time it.',
+    lower_bound=1)
 
 
 def _median_times(fns: dict, steps: int, rounds: int) -> dict:
@@ -133,6 +138,26 @@ def _step_fn(config, model_cfg):
   return call, first, compiled
 
 
+def _loader(config) -> dict:
+  """The config's training iterator (one process): start-up seconds (the
+  split tokenized and permuted, the first batch) and rows per second after."""
+  from moe import data, run_config
+  cfg = run_config.data_config(config)
+  data.prepare(cfg)
+  t = time.perf_counter()
+  it = data.train_iterator(cfg, seq_len=config.seq_len, batch_size=config.batch_size,
+                           seed=0, shard_index=0, shard_count=1)
+  next(it)
+  startup = time.perf_counter() - t
+  n = _LOADER_BATCHES.value
+  t = time.perf_counter()
+  for _ in range(n):
+    next(it)
+  return {'row_shuffle': data.row_shuffle(cfg, cfg.train_split),
+          'startup_s': startup,
+          'rows_per_sec': n * config.batch_size / (time.perf_counter() - t)}
+
+
 def main(argv):
   del argv
   from moe.run_config import quiet_logs
@@ -210,6 +235,14 @@ def main(argv):
     result.update(declared_peak_gflops=declared / 1e9,
                   mfu_dense_vs_declared=flops['dense_total'] / declared,
                   mfu_moe_vs_declared=flops['moe'] / declared)
+  # The input pipeline: its rows/s against the MoE step's consumption, and
+  # the share of a step that fetching its batch would take if nothing
+  # overlapped it (the loop fetches while the device runs the step).
+  loader = _loader(config)
+  consumed = config.batch_size / step['moe']
+  result['loader'] = {**loader, 'consumed_rows_per_sec': consumed,
+                      'over_consumption': loader['rows_per_sec'] / consumed,
+                      'fetch_share_of_step': consumed / loader['rows_per_sec']}
   result['mfu_moe_over_dense'] = result['mfu_moe'] / result['mfu_dense']
   result['throughput_over_analytic'] = (result['throughput_ratio_vs_dense_total']
                                         / result['analytic_flop_ratio'])
@@ -229,6 +262,11 @@ def main(argv):
       ('dense-active MFU / dense MFU (bound for the line above)',
        result['mfu_dense_active'] / result['mfu_dense'], ''),
       ('time to first step (s)', result['time_to_first_step_s'], '<= 30'),
+      (f"loader rows/s / rows/s the MoE step consumes ({loader['row_shuffle']} order)",
+       result['loader']['over_consumption'], '>= 10'),
+      ('batch fetch time / MoE step time (no overlap counted)',
+       result['loader']['fetch_share_of_step'], '< 0.02'),
+      ('loader start-up (s): split tokenized, first batch', loader['startup_s'], ''),
       ('peak memory (MiB)', result['peak_memory_mb'], ''),
       ('matmul peak (GFLOP/s)', result['matmul_peak_gflops'], ''),
   ]

@@ -1,12 +1,17 @@
 """The main job: an MoE and its two dense twins on the same data, one report.
 
   python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
+  python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare3 --seeds 3
 
 Trains, one after another, the MoE of --config and its dense twins with
 matched total parameters and matched active FLOPs per token (same seed, data
-order, optimizer and token budget), then writes workdir/report.md and its
-plots. Re-running resumes unfinished runs and skips finished ones;
---report_only rebuilds the report from the runs' metrics.jsonl.
+order, optimizer and token budget), for seeds 0..N-1 (the seed sets init,
+router noise and data order; arms share it seed by seed), in
+workdir/seed_{i}/{moe,dense_total,dense_active}, then writes
+workdir/report.md and its plots: final validation losses with 95% intervals
+(over seeds; with one seed, a bootstrap over validation documents) and one
+sentence per twin. Re-running resumes unfinished runs and skips finished
+ones; --report_only rebuilds the report from the runs' files.
 """
 
 import os
@@ -24,6 +29,8 @@ _CONFIG = config_flag.define(
     os.path.join(ROOT, 'configs', 'switch.py:cpu'),
     'The MoE config and variant.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Runs and report go here.')
+_SEEDS = flags.DEFINE_integer('seeds', 1, 'Train each arm with seeds 0..N-1.',
+                              lower_bound=1)
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False,
                                  'Only rebuild the report from existing runs.')
 
@@ -35,7 +42,12 @@ def main(argv):
   import jax
   from moe import checkpoint, report, run_config, train_lib
   if not _REPORT_ONLY.value:
-    runs = run_config.dense_twins(_CONFIG.value)
+    runs = {}
+    for seed in range(_SEEDS.value):
+      config = _CONFIG.value.copy_and_resolve_references()
+      config.seed = seed
+      for name, c in run_config.dense_twins(config).items():
+        runs[os.path.join(f'seed_{seed}', name)] = c
     for config in runs.values():  # refuse any bad config before training one
       run_config.validate(config, jax.device_count())
     for name, config in runs.items():

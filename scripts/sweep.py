@@ -33,8 +33,9 @@ A run whose newest checkpoint is at num_steps (and that has its eval.json,
 with --eval) is skipped; an unfinished one resumes from its checkpoint.
 
 At the end (and with --report_only) WORKDIR/results.csv and results.md hold
-one row per run: its swept values, final train metrics and last in-training
-eval (metrics.jsonl), and eval.py's eval.json (loss, perplexity, bits per
+one row per run: its swept values, final train metrics, last in-training
+eval and final evaluation (`final/loss`: the set of `final_eval_batches`,
+by default the whole validation split) from metrics.jsonl, and eval.py's eval.json (loss, perplexity, bits per
 byte, the capacity what-if); WORKDIR/<metric>_vs_<x>.png plots --metric
 against the swept value --x (one line per combination of the other values).
 A gs:// sweep is read through etils.epath (needs gcsfs) and its results are
@@ -377,7 +378,7 @@ TRAIN_COLUMNS = ('loss', 'total_loss', 'aux_loss', 'dropped_fraction',
                  'tokens_per_sec', 'mfu', 'train_seconds')
 INFO_COLUMNS = ('num_params', 'num_active_params', 'flops_per_token')
 EVAL_JSON_COLUMNS = ('loss', 'perplexity', 'bits_per_byte', 'dropped_fraction')
-MD_COLUMNS = ('step', 'loss', 'eval/loss', 'eval.json/loss', 'eval.json/perplexity',
+MD_COLUMNS = ('step', 'loss', 'eval/loss', 'final/loss', 'eval.json/loss', 'eval.json/perplexity',
               'dropped_fraction', 'eval.json/dropped_fraction', 'tokens_per_sec',
               'mfu', 'num_params', 'num_active_params')
 
@@ -389,7 +390,7 @@ def collect(run: Run, run_dir: str, state: str) -> dict:
   row = {'run': run.name, 'status': state, **run.values}
   metrics = epath.Path(join(run_dir, 'metrics.jsonl'))
   if metrics.exists():
-    info, train, evals = report.read_metrics(str(metrics))
+    info, train, evals, final = report.read_metrics(str(metrics))
     if train:
       step = max(train)
       row['step'] = step
@@ -399,6 +400,8 @@ def collect(run: Run, run_dir: str, state: str) -> dict:
       row['eval_step'] = max(evals)
       row.update({f'eval/{k}': v for k, v in last.items()
                   if k in ('loss', 'dropped_fraction', 'aux_loss')})
+    row.update({f'final/{k}': v for k, v in final.items()
+                if k in ('loss', 'dropped_fraction', 'tokens', 'documents')})
     row.update({k: info[k] for k in INFO_COLUMNS if k in info})
   result = _read_json(join(run_dir, 'eval.json'))
   if result:

@@ -49,7 +49,7 @@ def tiny_config(data_dir: str, overrides: dict | None = None):
                min_capacity=1, jitter_eps=0.01)
   c.data.data_dir = data_dir
   c.update(batch_size=8, seq_len=16, num_steps=6, log_every=1, eval_every=6,
-           eval_batches=1, checkpoint_every=2, max_to_keep=10,
+           eval_batches=1, final_eval_batches=1, checkpoint_every=2, max_to_keep=10,
            progress_bar=False, peak_flops_per_device=1e12)
   c.optimizer.warmup_steps = 2
   c.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v

@@ -19,11 +19,12 @@ SMALL = {'model.num_layers': 2, 'model.moe_every': 2, 'batch_size': 4, 'seq_len'
          'model.max_seq_len': 64}
 
 
-def test_bench_writes_every_figure_from_the_configs_flops(tmp_path):
+def test_bench_writes_every_figure_from_the_configs_flops(tmp_path, data_dir):
   out = tmp_path / 'bench.json'
   subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'bench.py'), '--steps=1',
-       '--rounds=1', '--layer_calls=1', f'--out={out}', *(f'--config.{k}={v}' for k, v in SMALL.items())],
+       '--rounds=1', '--layer_calls=1', '--loader_batches=5', f'--out={out}',
+       f'--config.data.data_dir={data_dir}', *(f'--config.{k}={v}' for k, v in SMALL.items())],
       check=True, cwd=tmp_path, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
       capture_output=True, timeout=600)
   r = json.loads(out.read_text())
@@ -52,6 +53,13 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path):
                         / (step['e64'] - step['moe']))
   else:
     assert r['expert_ffn_share_of_64_over_8'] is None
+  # The loader against what the step consumes: rows/s over batch / step time.
+  loader = r['loader']
+  assert loader['row_shuffle'] == 'global' and loader['rows_per_sec'] > 0
+  assert math.isclose(loader['consumed_rows_per_sec'], 4 / step['moe'])
+  assert math.isclose(loader['over_consumption'],
+                      loader['rows_per_sec'] / loader['consumed_rows_per_sec'])
+  assert math.isclose(loader['fetch_share_of_step'], 1 / loader['over_consumption'])
   # MFU counts active FLOPs only: FLOPs/token x tokens / step time / peak.
   for name, key in (('moe', 'mfu_moe'), ('dense_total', 'mfu_dense')):
     assert math.isclose(r[key], flops[name] * 4 * 64 / step[name]

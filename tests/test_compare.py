@@ -1,9 +1,12 @@
 """The main job end to end: scripts/compare.py on a tiny config trains the MoE
-and its two dense twins on the same batches and writes the report."""
+and its two dense twins on the same batches, for two seeds, and writes the
+report with its intervals (over seeds; with one seed, over documents)."""
 
+import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +27,7 @@ TINY = {
     'model.head_dim': 16, 'model.max_seq_len': 32, 'seq_len': 32,
     'moe.expert_dim': 32, 'moe.group_size': 64, 'batch_size': 8,
     'num_steps': 4, 'log_every': 1, 'eval_every': 2, 'checkpoint_every': 4,
-    'eval_batches': 1, 'peak_flops_per_device': 1e12, 'progress_bar': False,
+    'eval_batches': 1, 'final_eval_batches': 12, 'peak_flops_per_device': 1e12, 'progress_bar': False,
 }
 
 
@@ -38,11 +41,11 @@ def _config(data_dir):
   return c
 
 
-def _run(workdir, data_dir):
+def _run(workdir, data_dir, *extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1')
   return subprocess.run(
       [sys.executable, 'scripts/compare.py', '--config', 'configs/switch.py:cpu',
-       '--workdir', workdir, *_overrides(data_dir)],
+       '--workdir', workdir, '--seeds', '2', *_overrides(data_dir), *extra],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -69,14 +72,61 @@ def test_report_and_every_plot_are_written(compared):
 
 
 def test_three_runs_saw_identical_batches(compared):
+  """Arms share seed i's batches; seeds differ."""
   workdir, _, _ = compared
   crcs = {}
-  for name in report.RUNS:
-    _, train, evals = report.read_metrics(os.path.join(workdir, name, 'metrics.jsonl'))
-    assert sorted(train) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
-    crcs[name] = [train[s]['data_crc'] for s in sorted(train)]
-  assert len(set(crcs['moe'])) == 4                    # a new batch every step
-  assert crcs['moe'] == crcs['dense_total'] == crcs['dense_active']
+  for seed in (0, 1):
+    for name in report.RUNS:
+      _, train, evals, final = report.read_metrics(
+          os.path.join(workdir, f'seed_{seed}', name, 'metrics.jsonl'))
+      assert sorted(train) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
+      assert final['step'] == 4 and final['tokens'] == 12 * evals[4]['tokens']
+      crcs[seed, name] = [train[s]['data_crc'] for s in sorted(train)]
+    assert len(set(crcs[seed, 'moe'])) == 4           # a new batch every step
+    assert crcs[seed, 'moe'] == crcs[seed, 'dense_total'] == crcs[seed, 'dense_active']
+  assert crcs[0, 'moe'][0] != crcs[1, 'moe'][0]
+
+
+def _per_seed_final(workdir, seed, name):
+  return report.read_metrics(
+      os.path.join(workdir, f'seed_{seed}', name, 'metrics.jsonl'))[3]['loss']
+
+
+def test_report_intervals_over_seeds(compared):
+  """Two seeds: the paired differences' mean and t-interval, recomputed
+  here from the runs' own final losses, and one sentence per twin."""
+  workdir, _, _ = compared
+  text = open(os.path.join(workdir, 'report.md')).read()
+  for twin in ('dense_active', 'dense_total'):
+    d = [_per_seed_final(workdir, s, 'moe') - _per_seed_final(workdir, s, twin)
+         for s in (0, 1)]
+    mean, half = sum(d) / 2, 12.7062 * abs(d[0] - d[1]) / 2   # t(0.975, 1)*sd/sqrt(2)
+    row = next(l for l in text.splitlines()
+               if l.startswith(f'| vs. {report.LABELS[twin]} |'))
+    cells = [c.strip() for c in row.split('|')[1:-1]]
+    assert cells[1] == f'{d[0]:+.4f}, {d[1]:+.4f}'
+    assert cells[2] == f'{mean:+.4f}'
+    assert cells[3] == f'[{mean - half:+.4f}, {mean + half:+.4f}]'
+    assert cells[4] == '2 seeds'
+    assert f'Against the {report.LABELS[twin]} twin: ' in text
+  assert text.count('Against the ') == 2
+
+
+def test_one_seed_report_bootstraps_over_documents(compared, tmp_path):
+  workdir, _, _ = compared
+  one = str(tmp_path / 'one')
+  shutil.copytree(os.path.join(workdir, 'seed_0'), os.path.join(one, 'seed_0'))
+  report.write_report(one)
+  text = open(os.path.join(one, 'report.md')).read()
+  docs = json.load(open(os.path.join(one, 'seed_0', 'moe', 'final_eval_documents.json')))
+  n = sum(t > 0 for t in docs['tokens'])
+  row = next(l for l in text.splitlines()
+             if l.startswith(f"| vs. {report.LABELS['dense_active']} |"))
+  assert f'{n} documents (bootstrap)' in row
+  assert 'evaluation noise only: one training run' in text or 'within noise' in text
+  # The per-document sums add up to the logged final loss.
+  assert sum(docs['loss_sum']) / sum(docs['tokens']) == pytest.approx(
+      _per_seed_final(workdir, 0, 'moe'), rel=1e-6)
 
 
 def _built_params(cfg) -> int:
@@ -108,9 +158,10 @@ def test_rerun_skips_finished_runs_and_redraws(compared):
   os.remove(os.path.join(workdir, 'report.md'))
   proc = _run(workdir, data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert len(re.findall(r'finished \(4 steps\), skipping', proc.stdout)) == 3
+  assert len(re.findall(r'finished \(4 steps\), skipping', proc.stdout)) == 6
   assert os.path.exists(os.path.join(workdir, 'report.md'))          # redrawn
   # Nothing was trained again: each run logged every step once.
   for name in report.RUNS:
-    steps = [l['step'] for l in read_jsonl(os.path.join(workdir, name)) if 'loss' in l]
+    steps = [l['step'] for l in read_jsonl(os.path.join(workdir, 'seed_0', name))
+             if 'loss' in l]
     assert steps == [1, 2, 3, 4], name

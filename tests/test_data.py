@@ -1,6 +1,7 @@
 """moe.data: our TFDS builders (built offline here), tokenizer, packing, the
 grain pipeline (determinism, sharding, checkpoints), and the errors."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -46,21 +47,24 @@ def corpus(tmp_path_factory):
   return cfg, docs
 
 
-def _docs_in(stream: np.ndarray) -> list[bytes]:
-  """Complete documents (EOS-terminated) in a token stream starting at one."""
-  ends = np.flatnonzero(stream == EOS)
-  starts = np.concatenate([[0], ends[:-1] + 1])
-  return [stream[s:e].astype(np.uint8).tobytes() for s, e in zip(starts, ends)]
+def _pieces(row: np.ndarray) -> list[bytes]:
+  """A row cut at its EOS tokens (the first and last piece may be partial)."""
+  ends = np.flatnonzero(row == EOS)
+  bounds = [-1, *ends, len(row)]
+  return [row[a + 1:b].astype(np.uint8).tobytes() for a, b in zip(bounds, bounds[1:])]
 
 
-def _first_epoch(it, batches=40) -> list[bytes]:
-  stream = np.concatenate([next(it).reshape(-1) for _ in range(batches)])
-  seen = []
-  for doc in _docs_in(stream):
-    if doc in seen:
-      return seen
-    seen.append(doc)
-  raise AssertionError('stream shorter than one epoch')
+def _epochs(it, rows_per_epoch: int, epochs: int) -> list[list[bytes]]:
+  """The rows (as bytes) of the first `epochs` epochs of a global-order
+  iterator, epoch by epoch."""
+  rows = []
+  while len(rows) < rows_per_epoch * epochs:
+    rows.extend(r.tobytes() for r in next(it))
+  return [rows[e * rows_per_epoch:(e + 1) * rows_per_epoch] for e in range(epochs)]
+
+
+def _train_docs(cfg) -> list[bytes]:
+  return [ex['text'] for ex in data.prepare(cfg).as_data_source('train')]
 
 
 # --- Builders ----------------------------------------------------------------
@@ -215,10 +219,12 @@ def test_any_prepared_tfds_dataset_by_name(tmp_path):
   batch = next(data.train_iterator(cfg, seq_len=15, batch_size=2, seed=0))
   assert batch.shape == (2, 16) and batch.dtype == np.int32
   # 10 test documents of 3 x 19 bytes + EOS = 580 tokens: 36 rows, 18 batches.
-  assert len(list(data.eval_batches(cfg, seq_len=15, batch_size=2))) == 18
+  whole = data.eval_set(cfg, seq_len=15, batch_size=2)
+  assert (len(whole), whole.rows, whole.tokens, whole.documents) == (18, 36, 540, 10)
+  assert len(list(whole)) == 18 and whole.whole_split
   bad = data.DataConfig(name='toy_corpus_for_test', data_dir=str(tmp_path))
   with pytest.raises(ConfigError, match="Split 'validation'.*'test', 'train'"):
-    data.eval_batches(bad, seq_len=15, batch_size=2)
+    data.eval_set(bad, seq_len=15, batch_size=2)
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -228,6 +234,8 @@ def test_any_prepared_tfds_dataset_by_name(tmp_path):
     (dict(text_files='/x/*.txt'), 'only used with'),
     (dict(tokenizer='gpt2'), "data.tokenizer='gpt2'.*'bytes'"),
     (dict(read_threads=-1), 'read_threads'),
+    (dict(row_shuffle='rows'), "data.row_shuffle='rows'.*'global', 'window'"),
+    (dict(shuffle_window=0), 'data.shuffle_window=0 must be an int >= 1'),
 ])
 def test_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -239,7 +247,7 @@ def test_pipeline_argument_validation(stdlib_cfg):
     data.train_iterator(stdlib_cfg, seq_len=8, batch_size=1, seed=0,
                         shard_index=2, shard_count=2)
   with pytest.raises(ValueError, match='seq_len=0'):
-    data.eval_batches(stdlib_cfg, seq_len=0, batch_size=1)
+    data.eval_set(stdlib_cfg, seq_len=0, batch_size=1)
 
 
 def test_tokenizers(tmp_path):
@@ -270,24 +278,52 @@ def test_packing_exact():
   np.testing.assert_array_equal(np.concatenate(rows), stream[:25])
 
 
-def test_train_batches_are_packed_documents(corpus):
+@pytest.mark.parametrize('row_shuffle', ['global', 'window'])
+def test_train_rows_are_cut_from_packed_documents(corpus, row_shuffle):
   cfg, docs = corpus
+  cfg = dataclasses.replace(cfg, row_shuffle=row_shuffle, shuffle_window=5)
   it = data.train_iterator(cfg, seq_len=31, batch_size=3, seed=0,
                            shard_index=0, shard_count=1)
-  batches = [next(it) for _ in range(10)]
-  assert all(b.shape == (3, 32) and b.dtype == np.int32 for b in batches)
-  stream = np.concatenate([b.reshape(-1) for b in batches])
-  found = _docs_in(stream)
-  assert len(found) > 20
-  assert set(found) <= set(docs.values())   # EOS exactly between documents
-  assert not (stream == data.ByteTokenizer.pad_id).any()
+  rows = np.concatenate([next(it) for _ in range(10)])
+  assert rows.shape == (30, 32) and rows.dtype == np.int32
+  texts = set(docs.values())
+  for row in rows:
+    first, *whole, last = _pieces(row)
+    assert set(whole) <= texts               # EOS exactly between documents
+    assert any(t.endswith(first) for t in texts)
+    assert any(t.startswith(last) for t in texts)
+  assert not (rows == data.ByteTokenizer.pad_id).any()
+
+
+def test_cpu_recipe_batches_sample_the_corpus(stdlib_cfg):
+  """With the CPU recipe's shape (16 rows of 129 tokens, seed 0), a batch
+  draws its rows from many source files, not one (issue 17: the median was
+  1 when rows followed document order)."""
+  docs = _train_docs(stdlib_cfg)
+  corpus = b''.join(docs)
+  starts = np.cumsum([0] + [len(d) for d in docs])
+  it = data.train_iterator(stdlib_cfg, seq_len=128, batch_size=16, seed=0,
+                           shard_index=0, shard_count=1)
+  distinct = []
+  for _ in range(20):
+    sources = set()
+    for row in next(it):
+      piece = max(_pieces(row), key=len)     # found in exactly its file, or
+      at = corpus.find(piece)                # first in an identical one
+      assert at >= 0
+      sources.add(int(np.searchsorted(starts, at, side='right')) - 1)
+    distinct.append(len(sources))
+  assert np.median(distinct) >= 12, distinct
 
 
 # --- Determinism, sharding, checkpoints --------------------------------------
 
-def test_deterministic_for_a_seed(stdlib_cfg):
+@pytest.mark.parametrize('row_shuffle', ['global', 'window'])
+def test_deterministic_for_a_seed(stdlib_cfg, row_shuffle):
+  cfg = dataclasses.replace(stdlib_cfg, row_shuffle=row_shuffle)
+
   def first(seed, n=3):
-    it = data.train_iterator(stdlib_cfg, seq_len=32, batch_size=4, seed=seed,
+    it = data.train_iterator(cfg, seq_len=32, batch_size=4, seed=seed,
                              shard_index=0, shard_count=1)
     return np.stack([next(it) for _ in range(n)])
   a = first(1)
@@ -295,67 +331,138 @@ def test_deterministic_for_a_seed(stdlib_cfg):
   assert not np.array_equal(a, first(2))
 
 
-def test_shards_are_disjoint_and_cover(corpus):
+def test_global_order_epochs_and_processes(corpus):
+  """Each epoch is a permutation of every packed row, a new one each epoch;
+  two processes read disjoint rows, which together are exactly the batches
+  of one process reading both shares."""
   cfg, _ = corpus
-  train = {ex['text'] for ex in data.prepare(cfg).as_data_source('train')}
-  epochs = [_first_epoch(data.train_iterator(
-      cfg, seq_len=15, batch_size=4, seed=3, shard_index=i, shard_count=2))
+  length = 16
+  tokens = sum(len(d) + 1 for d in _train_docs(cfg))
+  rows_per_epoch = tokens // length
+  kw = dict(seq_len=length - 1, seed=3)
+  one = data.train_iterator(cfg, batch_size=4, shard_index=0, shard_count=1, **kw)
+  epochs = _epochs(one, rows_per_epoch, 3)
+  assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
+  assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+  assert len(set(epochs[0])) > rows_per_epoch // 2   # mostly distinct rows
+  # Two processes, 2 rows each: global batch t = the single process's batch t.
+  single = data.train_iterator(cfg, batch_size=4, shard_index=0, shard_count=1, **kw)
+  halves = [data.train_iterator(cfg, batch_size=2, shard_index=i, shard_count=2, **kw)
             for i in range(2)]
-  a, b = set(epochs[0]), set(epochs[1])
-  assert len(a) == len(epochs[0]) and len(b) == len(epochs[1])
-  assert not a & b
-  assert a | b == train
-  assert abs(len(a) - len(b)) <= 1
-  # The next epoch is shuffled differently.
-  it = data.train_iterator(cfg, seq_len=15, batch_size=4, seed=3,
-                           shard_index=0, shard_count=1)
-  stream = np.concatenate([next(it).reshape(-1) for _ in range(60)])
-  found = _docs_in(stream)
-  assert found[:len(train)] != found[len(train):2 * len(train)]
+  seen = [[], []]
+  for _ in range(rows_per_epoch // 4):
+    parts = [next(h) for h in halves]
+    np.testing.assert_array_equal(np.concatenate(parts), next(single))
+    for i in range(2):
+      seen[i].extend(r.tobytes() for r in parts[i])
+  # Disjoint as positions in the epoch's order (identical rows aside).
+  assert not (set(seen[0]) & set(seen[1])) - {
+      r for r in epochs[0] if epochs[0].count(r) > 1}
 
 
-@pytest.mark.parametrize('skip', [1, 5])
-def test_checkpoint_round_trip(stdlib_cfg, skip):
+def test_window_order_shards_are_disjoint_documents(corpus):
+  cfg, _ = corpus
+  cfg = dataclasses.replace(cfg, row_shuffle='window', shuffle_window=4)
+  texts = [set(), set()]
+  for i in range(2):
+    it = data.train_iterator(cfg, seq_len=63, batch_size=4, seed=3,
+                             shard_index=i, shard_count=2)
+    for _ in range(4):
+      for row in next(it):
+        texts[i].update(_pieces(row)[1:-1])
+  assert texts[0] and texts[1] and not texts[0] & texts[1]
+
+
+@pytest.mark.parametrize('row_shuffle, skip', [
+    ('global', 1), ('global', 37), ('window', 1), ('window', 9)])
+def test_checkpoint_round_trip(stdlib_cfg, row_shuffle, skip):
+  """Restoring an iterator's state mid-epoch (and, for 'window', mid-window
+  and mid-document) continues the exact row sequence."""
+  cfg = dataclasses.replace(stdlib_cfg, row_shuffle=row_shuffle, shuffle_window=16)
   kw = dict(seq_len=64, batch_size=4, seed=7, shard_index=1, shard_count=2)
-  it = data.train_iterator(stdlib_cfg, **kw)
+  it = data.train_iterator(cfg, **kw)
   for _ in range(skip):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  assert state['offset'] > 0  # restoring into the middle of a document
-  expected = [next(it) for _ in range(4)]
-  restored = data.train_iterator(stdlib_cfg, **kw)
+  expected = [next(it) for _ in range(6)]
+  restored = data.train_iterator(cfg, **kw)
   restored.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(restored), want)
-  # Also after crossing into new documents and a restore of the restored one.
+  # Also a restore of the restored one.
   state = restored.get_state()
   expected = [next(restored) for _ in range(3)]
-  again = data.train_iterator(stdlib_cfg, **kw)
+  again = data.train_iterator(cfg, **kw)
   again.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(again), want)
 
 
-def test_eval_batches_finite_deterministic_sharded(stdlib_cfg):
+def test_row_shuffle_auto_follows_the_split_size(stdlib_cfg, monkeypatch):
+  assert data.row_shuffle(stdlib_cfg, 'train') == 'global'   # ~30 MiB
+  monkeypatch.setattr(data, 'GLOBAL_SHUFFLE_MAX_BYTES', 1 << 20)
+  assert data.row_shuffle(stdlib_cfg, 'train') == 'window'
+  assert data.row_shuffle(stdlib_cfg, 'validation') == 'global'   # ~450 KiB
+  forced = dataclasses.replace(stdlib_cfg, row_shuffle='global')
+  assert data.row_shuffle(forced, 'train') == 'global'
+
+
+def test_eval_set_whole_split(stdlib_cfg):
   kw = dict(seq_len=255, batch_size=8)
-  whole = data.eval_batches(stdlib_cfg, shard_index=0, shard_count=1, **kw)
+  whole = data.eval_set(stdlib_cfg, shard_index=0, shard_count=1, **kw)
+  stats = data.split_stats(stdlib_cfg, 'validation')
+  assert whole.whole_split and whole.rows == stats['tokens'] // 256
+  assert whole.tokens == whole.rows * 255
+  assert whole.documents == whole.num_documents == stats['documents']
   a, b = list(whole), list(whole)
-  assert len(a) > 100  # ~459k validation tokens / (8 x 256)
+  assert len(a) == -(-whole.rows // 8)
   for x, y in zip(a, b, strict=True):
-    np.testing.assert_array_equal(x, y)
-  assert all(x.shape == (8, 256) and x.dtype == np.int32 for x in a)
-  limited = data.eval_batches(stdlib_cfg, max_batches=3, shard_index=0,
-                              shard_count=1, **kw)
-  assert len(list(limited)) == 3
+    np.testing.assert_array_equal(x.tokens, y.tokens)
+  assert all(x.tokens.shape == (8, 256) and x.tokens.dtype == np.int32 for x in a)
+  # Every row once with weight 1; the padding of the last batch weighs 0.
+  weights = np.concatenate([x.weights for x in a])
+  assert weights.sum() == whole.rows and (weights[:whole.rows] == 1).all()
+  # Documents in stored order: a target's document is the one after an EOS.
+  docs = np.concatenate([x.documents for x in a])[:whole.rows].ravel()
+  targets = np.concatenate([x.tokens[:, 1:] for x in a])[:whole.rows].ravel()
+  assert docs[0] == 0 and docs[-1] <= stats['documents'] - 1
+  step = np.diff(docs)
+  assert set(np.unique(step)) <= {0, 1}
+  np.testing.assert_array_equal(step == 1, targets[:-1] == EOS)
   # Two processes with 4 rows each see the same rows as one with 8.
-  halves = [list(data.eval_batches(stdlib_cfg, seq_len=255, batch_size=4,
-                                   shard_index=i, shard_count=2))
+  halves = [list(data.eval_set(stdlib_cfg, seq_len=255, batch_size=4,
+                               shard_index=i, shard_count=2))
             for i in range(2)]
   assert len(halves[0]) == len(halves[1]) == len(a)
   for x, h0, h1 in zip(a, *halves):
-    np.testing.assert_array_equal(x, np.concatenate([h0, h1]))
+    np.testing.assert_array_equal(x.tokens, np.concatenate([h0.tokens, h1.tokens]))
+    np.testing.assert_array_equal(x.weights, h0.weights)
+    np.testing.assert_array_equal(x.documents, h1.documents)
   with pytest.raises(ValueError, match='fewer than one global eval batch'):
-    list(data.eval_batches(stdlib_cfg, seq_len=255, batch_size=10**5))
+    data.eval_set(stdlib_cfg, seq_len=255, batch_size=10**5)
+
+
+def test_eval_set_sample_is_spread_over_the_split(stdlib_cfg):
+  kw = dict(seq_len=255, batch_size=8, shard_index=0, shard_count=1)
+  whole = np.concatenate([x.tokens for x in data.eval_set(stdlib_cfg, **kw)])
+  sample = data.eval_set(stdlib_cfg, max_batches=3, **kw)
+  assert not sample.whole_split and (sample.rows, len(sample)) == (24, 3)
+  batches = list(sample)
+  rows = {r.tobytes() for x in batches for r in x.tokens}
+  assert len(rows) == 24 and rows <= {r.tobytes() for r in whole}
+  docs = np.concatenate([x.documents for x in batches])
+  # Not the split's first rows: from its first document to its last ones.
+  assert docs.min() == 0 and docs.max() >= sample.num_documents - 3
+  assert sample.documents >= 10
+  # A split too large to hold in memory: whole documents in a fixed order.
+  big = dataclasses.replace(stdlib_cfg, row_shuffle='window')
+  import unittest.mock
+  with unittest.mock.patch.object(data, 'GLOBAL_SHUFFLE_MAX_BYTES', 1 << 10):
+    drawn = [data.eval_set(big, max_batches=3, **kw) for _ in range(2)]
+  for x, y in zip(*drawn, strict=True):
+    np.testing.assert_array_equal(x.tokens, y.tokens)
+  assert drawn[0].rows == 24 and not drawn[0].whole_split
+  assert drawn[0].documents >= 2
 
 
 def test_unigram_entropy(corpus, stdlib_cfg):

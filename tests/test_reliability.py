@@ -354,9 +354,9 @@ def test_restore_under_another_mesh(mesh, expert4_run):
     state, _ = ckpt.restore(2, s.abstract_state, s.state_shardings)
   finally:
     ckpt.close()
-  batches = data.eval_batches(run.data, seq_len=c.seq_len, batch_size=c.batch_size,
-                              max_batches=1)
-  loss = float(train_lib.evaluate(s, state, batches)['loss'])
+  batches = data.eval_set(run.data, seq_len=c.seq_len, batch_size=c.batch_size,
+                          max_batches=1)
+  loss = train_lib.evaluate(s, state, batches)[0]['loss']
   assert loss == pytest.approx(eval_loss(workdir, 2), rel=1e-5, abs=1e-6)
 
   # The optimizer state follows the new expert axis.

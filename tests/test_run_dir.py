@@ -87,7 +87,7 @@ def test_metrics_on_gcs_upload_at_sync_and_continue_on_resume(fake_gcs):
   assert tb['loss'] == [(1, 4.0), (2, 3.0)] and tb['eval/loss'] == [(1, 3.5)]
   with M.MetricWriter(workdir, enabled=True, total_steps=4, progress=False) as w:
     w.write(3, {'loss': 2.0})                  # a resumed run continues the file
-  info, train, evals = report.read_metrics(workdir + '/metrics.jsonl')
+  info, train, evals, _ = report.read_metrics(workdir + '/metrics.jsonl')
   assert {s: r['loss'] for s, r in train.items()} == {1: 4.0, 2: 3.0, 3: 2.0}
   assert evals == {1: {'loss': 3.5}}
 

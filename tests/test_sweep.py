@@ -107,7 +107,7 @@ def _write_sweep(path, data_dir, grid):
                 'model.mlp_dim': 64, 'model.num_layers': 2, 'model.max_seq_len': 32,
                 'seq_len': 32, 'batch_size': 4, 'moe.expert_dim': 64,
                 'moe.group_size': 64, 'num_steps': 2, 'log_every': 1,
-                'eval_every': 2, 'eval_batches': 1, 'checkpoint_every': 2,
+                'eval_every': 2, 'eval_batches': 1, 'final_eval_batches': 1, 'checkpoint_every': 2,
                 'progress_bar': False, 'peak_flops_per_device': 1e12,
                 'eval.capacity_factors': (2.0,), 'data.data_dir': {data_dir!r},
             }},

@@ -327,7 +327,8 @@ def test_eval_py_subprocess(cli_run, data_dir):
   workdir = cli_run['workdir']
   latest = checkpoint_steps(workdir)[-1]
   cmd = [sys.executable, 'eval.py', '--config', 'configs/switch.py:cpu',
-         '--workdir', workdir, *_cli_overrides(data_dir), '--config.eval_batches=2']
+         '--workdir', workdir, *_cli_overrides(data_dir),
+         '--config.final_eval_batches=2']
   proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]

@@ -24,6 +24,7 @@ def loop_settings(c, data_dir, num_steps=2):
   c.log_every = 1
   c.eval_every = num_steps
   c.eval_batches = 1
+  c.final_eval_batches = 1
   c.progress_bar = False
   c.peak_flops_per_device = 1e12   # declared: no matmul probe
   return c
