@@ -1,0 +1,155 @@
+"""Where the MoE wins: the MoE - dense-active-twin gap at several token budgets.
+
+  python scripts/token_budget.py --config configs/switch.py:cpu \\
+      --workdir runs/budget --steps 600,2400 --seeds 0,1
+
+For every budget (num_steps; the learning-rate schedule is stretched to it,
+eval_every = num_steps / 4) and seed, trains the MoE of --config and its
+matched-active-FLOPs dense twin (moe.run_config.dense_twins: same data order,
+optimizer and schedule) in WORKDIR/steps_{N}/seed_{S}/{moe,dense_active},
+then writes WORKDIR/budget.md (per budget: each seed's final validation
+losses, the MoE - twin difference and its 95% interval over seeds) and
+WORKDIR/budget_gap.png (the gap against training tokens). Sparse models need
+tokens to fill their parameters; this shows from which budget on the MoE
+pays at this size, or that it does not. Re-running skips finished runs;
+--report_only redraws.
+"""
+
+import os
+import shlex
+import sys
+
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/
+
+from moe import config_flag  # noqa: E402
+from moe.config import ConfigError  # noqa: E402
+
+_CONFIG = config_flag.define(os.path.join(ROOT, 'configs', 'switch.py:cpu'),
+                             'The MoE config and variant.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/budget', 'Runs and report go here.')
+_STEPS = flags.DEFINE_list('steps', ['600', '2400'], 'Token budgets, in steps.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of every budget.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only redraw the report.')
+
+ARMS = ('moe', 'dense_active')
+
+
+def _ints(name, values) -> list[int]:
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    out = []
+  if not out or min(out) < (1 if name == 'steps' else 0):
+    raise ConfigError(f'--{name}={",".join(values)} must be a comma-separated '
+                     f'list of integers >= {1 if name == "steps" else 0}.')
+  return out
+
+
+def runs(config, steps: list[int], seeds: list[int]) -> dict:
+  """{(steps, seed, arm): config} of the study."""
+  from moe import run_config  # pylint: disable=g-import-not-at-top
+  out = {}
+  for n in steps:
+    for seed in seeds:
+      c = config.copy_and_resolve_references()
+      c.num_steps, c.seed = n, seed
+      c.eval_every = max(n // 4, 1)
+      c.checkpoint_every = n
+      twins = run_config.dense_twins(c)
+      for arm in ARMS:
+        out[n, seed, arm] = twins[arm]
+  return out
+
+
+def run_dir(workdir: str, steps: int, seed: int, arm: str) -> str:
+  return os.path.join(workdir, f'steps_{steps}', f'seed_{seed}', arm)
+
+
+def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from moe import intervals, report  # pylint: disable=g-import-not-at-top
+  lines = ['# MoE - dense-active twin, by token budget', '',
+           'Final validation loss (nats/token, the final evaluation set) of each '
+           'seed; the difference is MoE - twin, its interval 95% over seeds '
+           '(Student t; with one seed none).', '',
+           '| steps | tokens | seed | MoE | dense, matched active | MoE - twin |',
+           '|---|---|---|---|---|---|']
+  summary = ['', '| steps | tokens | seeds | mean MoE - twin | 95% interval | verdict |',
+             '|---|---|---|---|---|---|']
+  points = []
+  for n in steps:
+    diffs = []
+    for seed in seeds:
+      finals = {}
+      for arm in ARMS:
+        path = os.path.join(run_dir(workdir, n, seed, arm), 'metrics.jsonl')
+        if os.path.exists(path):
+          finals[arm] = report.read_metrics(path)[3].get('loss')
+      if None in finals.values() or len(finals) < 2:
+        continue
+      run = report.Run('moe', os.path.dirname(run_dir(workdir, n, seed, 'moe')))
+      tokens = n * run.tokens_per_step
+      d = finals['moe'] - finals['dense_active']
+      diffs.append(d)
+      points.append((tokens, d))
+      lines.append(f"| {n} | {tokens:,} | {seed} | {finals['moe']:.4f} | "
+                   f"{finals['dense_active']:.4f} | {d:+.4f} |")
+    if diffs:
+      iv = intervals.mean_interval(diffs)
+      interval = f'[{iv.low:+.4f}, {iv.high:+.4f}]' if iv.kind == 'seeds' else '-'
+      summary.append(f'| {n} | {tokens:,} | {len(diffs)} | {iv.mean:+.4f} | '
+                     f'{interval} | {intervals.verdict(iv)} |')
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if points:
+    xs, ys = zip(*points)
+    ax.scatter(xs, ys, color='C0', label='one seed')
+    by = {}
+    for x, y in points:
+      by.setdefault(x, []).append(y)
+    mx = sorted(by)
+    ax.plot(mx, [sum(by[x]) / len(by[x]) for x in mx], color='C0', label='mean')
+  ax.axhline(0, color='k', lw=0.8)
+  ax.set_xscale('log')
+  ax.set_xlabel('training tokens')
+  ax.set_ylabel('MoE - dense-active twin\nfinal validation loss (nats)')
+  ax.set_title('Below 0: the MoE is ahead')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'budget_gap.png'), dpi=110)
+  plt.close(fig)
+  path = os.path.join(workdir, 'budget.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines + summary + ['', '![gap](budget_gap.png)', '']))
+  return path
+
+
+def main(argv):
+  del argv
+  from moe.run_config import quiet_logs  # pylint: disable=g-import-not-at-top
+  quiet_logs()
+  steps, seeds = _ints('steps', _STEPS.value), _ints('seeds', _SEEDS.value)
+  if not _REPORT_ONLY.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    from moe import checkpoint, run_config, train_lib  # pylint: disable=g-import-not-at-top
+    study = runs(_CONFIG.value, steps, seeds)
+    for config in study.values():   # refuse any bad config before training one
+      run_config.validate(config, jax.device_count())
+    for (n, seed, arm), config in study.items():
+      workdir = run_dir(_WORKDIR.value, n, seed, arm)
+      done = checkpoint.latest_step(workdir)
+      if done is not None and done >= n:
+        print(f'{workdir}: finished, skipping')
+        continue
+      print(f'{workdir}: training to step {n}')
+      train_lib.train(config, workdir, command=shlex.join(sys.argv))
+  print('report:', write_report(_WORKDIR.value, steps, seeds))
+
+
+if __name__ == '__main__':
+  config_flag.run(main)

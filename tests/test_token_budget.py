@@ -1,0 +1,62 @@
+"""scripts/token_budget.py end to end on a tiny config: two budgets, one
+seed, the MoE and its dense-active twin on the same batches, the table's
+differences from the runs' own final losses, the plot, and bad input."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from moe import report  # noqa: E402
+
+TINY = {
+    'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 2,
+    'model.head_dim': 16, 'model.max_seq_len': 32, 'seq_len': 32,
+    'moe.expert_dim': 32, 'moe.group_size': 64, 'batch_size': 8,
+    'log_every': 1, 'eval_batches': 1, 'final_eval_batches': 2,
+    'peak_flops_per_device': 1e12, 'progress_bar': False,
+}
+
+
+def _run(workdir, data_dir, *args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1')
+  overrides = [f'--config.{k}={v}' for k, v in {**TINY, 'data.data_dir': data_dir}.items()]
+  return subprocess.run(
+      [sys.executable, 'scripts/token_budget.py', '--config', 'configs/switch.py:cpu',
+       '--workdir', workdir, *overrides, *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_budgets_table_and_plot(tmp_path, data_dir):
+  workdir = str(tmp_path / 'budget')
+  proc = _run(workdir, data_dir, '--steps', '2,4', '--seeds', '0')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  text = open(os.path.join(workdir, 'budget.md')).read()
+  for steps in (2, 4):
+    finals, crcs = {}, {}
+    for arm in ('moe', 'dense_active'):
+      path = os.path.join(workdir, f'steps_{steps}', 'seed_0', arm, 'metrics.jsonl')
+      _, train, evals, final = report.read_metrics(path)
+      assert final['step'] == steps and sorted(train) == list(range(1, steps + 1))
+      finals[arm] = final['loss']
+      crcs[arm] = [train[s]['data_crc'] for s in sorted(train)]
+    assert crcs['moe'] == crcs['dense_active']           # the same batches
+    tokens = steps * 8 * 32
+    assert (f"| {steps} | {tokens:,} | 0 | {finals['moe']:.4f} | "
+            f"{finals['dense_active']:.4f} | {finals['moe'] - finals['dense_active']:+.4f} |"
+            in text), text
+  assert os.path.getsize(os.path.join(workdir, 'budget_gap.png')) > 10_000
+  # A re-run trains nothing again.
+  again = _run(workdir, data_dir, '--steps', '2,4', '--seeds', '0')
+  assert again.returncode == 0 and again.stdout.count('finished, skipping') == 4
+
+
+def test_bad_budget_is_one_line(tmp_path, data_dir):
+  proc = _run(str(tmp_path / 'b'), data_dir, '--steps', '600,x')
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'FATAL ConfigError: --steps=600,x must be a comma-separated list of '
+      'integers >= 1.')
+  assert not os.path.exists(tmp_path / 'b')
