@@ -299,6 +299,21 @@ def _own_iterator_state(data_state: dict, step: int) -> dict:
   return states[jax.process_index()]
 
 
+def _restore_iterator(it, state: dict, step: int, order: str) -> None:
+  """Puts the training iterator where checkpoint `step` left it; a state
+  of another row order (another data.row_shuffle, or a checkpoint from
+  before rows were shuffled) is a CheckpointError, not a KeyError."""
+  try:
+    it.set_state(state)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(
+        f'checkpoint step {step} holds a data-iterator state that does not fit '
+        f"this run's '{order}' row order (state keys {sorted(state)}): it was "
+        'written with another data.row_shuffle, or by a version that did not '
+        'shuffle rows. Resume with the row order it was written with, or '
+        'train in a new workdir.') from e
+
+
 def _print(msg: str) -> None:
   """A progress line on process 0 (absl's INFO log is orbax's chatter)."""
   if jax.process_index() == 0:
@@ -377,7 +392,12 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
       state = upcycle.upcycle_state(config, s, state)
   else:
     step, state, data_state = restored
-    train_it.set_state(_own_iterator_state(data_state, step))
+    try:
+      _restore_iterator(train_it, _own_iterator_state(data_state, step), step,
+                        data.row_shuffle(run.data, run.data.train_split))
+    except BaseException:
+      ckpt.close()
+      raise
     progress = data_state['progress']
     _print(f'resumed from step {step} in {workdir}')
   sharding.check_sharded(state.params, s.state_shardings.params)

@@ -605,6 +605,24 @@ def test_checkpoint_of_another_model_shape_is_refused(expert4_run, tmp_path, mon
   assert checkpoint_steps(workdir) == [2] and not tmp_dirs(workdir)
 
 
+def test_checkpoint_of_another_row_order_is_refused(expert4_run, tmp_path, monkeypatch):
+  """expert4_run trained with the 'global' row order; its data position
+  means nothing to a 'window' iterator: one CheckpointError, before
+  compilation, naming both."""
+  c, source = expert4_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  c = c.copy_and_resolve_references()
+  c.data.row_shuffle = 'window'
+  _no_compile(monkeypatch)
+  with pytest.raises(CheckpointError) as e:
+    train_lib.train(c, workdir)
+  msg = str(e.value)
+  assert "checkpoint step 2 holds a data-iterator state that does not fit this run's 'window' row order" in msg
+  assert "['next_index']" in msg and 'data.row_shuffle' in msg
+  assert checkpoint_steps(workdir) == [2] and not tmp_dirs(workdir)
+
+
 # --- 7. Damaged checkpoints --------------------------------------------------------------
 
 def _damage(step_dir, how):
