@@ -20,15 +20,10 @@ sys.path.insert(0, REPO)
 from configs import switch  # noqa: E402
 from moe import report, run_config  # noqa: E402
 from moe.model import Transformer  # noqa: E402
-from tiny import read_jsonl  # noqa: E402
+from tiny import SWITCH_OVERRIDES, read_jsonl  # noqa: E402
 
-TINY = {
-    'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 2,
-    'model.head_dim': 16, 'model.max_seq_len': 32, 'seq_len': 32,
-    'moe.expert_dim': 32, 'moe.group_size': 64, 'batch_size': 8,
-    'num_steps': 4, 'log_every': 1, 'eval_every': 2, 'checkpoint_every': 4,
-    'eval_batches': 1, 'final_eval_batches': 12, 'peak_flops_per_device': 1e12, 'progress_bar': False,
-}
+TINY = {**SWITCH_OVERRIDES, 'num_steps': 4, 'eval_every': 2, 'checkpoint_every': 4,
+        'eval_batches': 1, 'final_eval_batches': 12}
 
 
 def _overrides(data_dir):

@@ -10,14 +10,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from moe import report  # noqa: E402
+from tiny import SWITCH_OVERRIDES  # noqa: E402
 
-TINY = {
-    'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 2,
-    'model.head_dim': 16, 'model.max_seq_len': 32, 'seq_len': 32,
-    'moe.expert_dim': 32, 'moe.group_size': 64, 'batch_size': 8,
-    'log_every': 1, 'eval_batches': 1, 'final_eval_batches': 2,
-    'peak_flops_per_device': 1e12, 'progress_bar': False,
-}
+TINY = {**SWITCH_OVERRIDES, 'eval_batches': 1, 'final_eval_batches': 2}
 
 
 def _run(workdir, data_dir, *args):

@@ -30,6 +30,16 @@ def loop_settings(c, data_dir, num_steps=2):
   return c
 
 
+# A tiny MoE (2 layers, width 32, groups of 2 sequences) as --config
+# overrides of configs/switch.py:cpu, for the scripts tests run as processes.
+SWITCH_OVERRIDES = {
+    'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 2,
+    'model.head_dim': 16, 'model.max_seq_len': 32, 'seq_len': 32,
+    'moe.expert_dim': 32, 'moe.group_size': 64, 'batch_size': 8,
+    'log_every': 1, 'peak_flops_per_device': 1e12, 'progress_bar': False,
+}
+
+
 def read_jsonl(workdir, *, complete_lines_only=False):
   """metrics.jsonl as dicts ([] before it exists); `complete_lines_only`
   skips a last line still being written (for polling a running process)."""
