@@ -5,11 +5,10 @@ Variants (`--config configs/switch.py:VARIANT`):
   cpu  (default) the comparison that runs in minutes on a laptop CPU on the
        embedded Python-stdlib corpus: d=128, 4 layers, MoE in EVERY layer
        (E=8, top-1, expert width 256), 600 steps of 16 x 128 tokens. Chosen
-       by measurement (docs/performance.md): with MoE every other layer
-       the MoE trailed its active-FLOP twin at this scale; with every
-       layer it ends within 0.04 nats of it (below in two runs, above
-       in two: docs/performance.md) and well below its
-       matched-total twin.
+       under the old row order (every batch one file), where it looked
+       level with its active-FLOP twin; on shuffled rows (2026-12-05) it
+       trails both twins (docs/performance.md section 1, with the
+       one-knob-at-a-time sweep configs/sweeps/recipe.py).
          python train.py --config configs/switch.py:cpu --workdir runs/switch
          python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
   gpu  ~490M total parameters (8 experts, d=1024, 8 layers, bf16) for one
