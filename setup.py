@@ -24,6 +24,7 @@ setup(
         'absl-py>=2.1',
         'etils[epath]>=1.7',        # epath: local and gs:// run directories
         'numpy>=1.26',
+        'scipy>=1.11',              # moe.intervals: Student-t quantiles
         'matplotlib>=3.8',
     ],
     extras_require={

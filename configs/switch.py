@@ -6,9 +6,11 @@ Variants (`--config configs/switch.py:VARIANT`):
        embedded Python-stdlib corpus: d=128, 4 layers, MoE in EVERY layer
        (E=8, top-1, expert width 256), 600 steps of 16 x 128 tokens. Chosen
        under the old row order (every batch one file), where it looked
-       level with its active-FLOP twin; on shuffled rows (2026-12-05) it
-       trails both twins (docs/performance.md section 1, with the
-       one-knob-at-a-time sweep configs/sweeps/recipe.py).
+       level with its active-FLOP twin; on shuffled rows (2026-12-05,
+       3 seeds) it is level with that twin within noise and behind its
+       matched-total twin, and the dropless variant is ahead of the active
+       twin (docs/performance.md section 1, with the one-knob-at-a-time
+       sweep configs/sweeps/recipe.py).
          python train.py --config configs/switch.py:cpu --workdir runs/switch
          python scripts/compare.py --config configs/switch.py:cpu --workdir runs/compare
   gpu  ~490M total parameters (8 experts, d=1024, 8 layers, bf16) for one
@@ -33,8 +35,8 @@ def get_config(arg: str = 'cpu'):
     c.eval_every = 100
     c.eval_batches = 12     # periodic evals: 192 rows spread over the split;
                             # the last step's: the whole split (3,556 rows).
-                            # All evals: ~19% of the training time
-                            # (docs/performance.md)
+                            # All evals: 15.7% of the training time
+                            # (scripts/bench.py, docs/performance.md)
     c.checkpoint_every = 200
   elif arg == 'gpu':
     one_gpu(c)

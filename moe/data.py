@@ -446,22 +446,21 @@ class _Rows:
     return self._stream[start:start + self._length].astype(np.int32)
 
 
+def _concat(cfg: DataConfig, docs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """(stream, starts): tokenized documents (_Tokenize: EOS-terminated) as
+  one array (uint16 where the vocab fits, else uint32), and each one's
+  first index in it (plus the end)."""
+  dtype = np.uint16 if get_tokenizer(cfg).vocab_size <= 2**16 else np.uint32
+  starts = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+  return np.concatenate(docs).astype(dtype), starts
+
+
 @functools.lru_cache(maxsize=4)
 def _split_tokens(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(stream, starts): every document of `split` in stored order, each
-  followed by EOS, as one array (uint16 where the vocab fits, else uint32),
-  and each document's first index in it (one more entry: the end)."""
+  """`_concat` of every document of `split`, in stored order (cached)."""
   source = _source(cfg, split)
-  tok = get_tokenizer(cfg)
-  docs = [tok.encode(source[i][cfg.text_key]) for i in range(len(source))]
-  dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-  starts = np.zeros(len(docs) + 1, np.int64)
-  starts[1:] = np.cumsum([len(d) + 1 for d in docs])
-  stream = np.empty(int(starts[-1]), dtype)
-  for d, start in zip(docs, starts[:-1]):
-    stream[start:start + len(d)] = d
-    stream[start + len(d)] = tok.eos_id
-  return stream, starts
+  tokenize = _Tokenize(get_tokenizer(cfg), cfg.text_key)
+  return _concat(cfg, [tokenize.map(source[i]) for i in range(len(source))])
 
 
 def row_shuffle(cfg: DataConfig, split: str) -> str:
@@ -596,19 +595,18 @@ def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
   if covers_split:
     stream, starts = _split_tokens(cfg, split)
     num_documents = len(starts) - 1
-  else:   # too large to hold: a fixed random sample of whole documents
+  else:   # too large to hold: a fixed random sample of whole documents,
+    # enough for the batches asked for (every document has >= 1 token).
     source = _source(cfg, split)
-    tok = get_tokenizer(cfg)
-    order = np.random.default_rng(0).permutation(len(source))
-    parts, need = [], max_batches * per_global * length
-    for i in order:
-      parts.append(np.append(tok.encode(source[int(i)][cfg.text_key]), tok.eos_id))
-      need -= len(parts[-1])
+    tokenize = _Tokenize(get_tokenizer(cfg), cfg.text_key)
+    docs, need = [], max_batches * per_global * length
+    for i in np.random.default_rng(0).permutation(len(source)):
+      docs.append(tokenize.map(source[int(i)]))
+      need -= len(docs[-1])
       if need <= 0:
         break
-    stream = np.concatenate(parts)
-    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
-    num_documents = len(parts)
+    stream, starts = _concat(cfg, docs)
+    num_documents = len(docs)
   num_rows = len(stream) // length
   if num_rows < per_global:
     raise ValueError(
@@ -620,14 +618,13 @@ def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
   # The document of each target token (position j + 1 of its row).
   docs = np.searchsorted(starts, np.arange(num_rows * length), side='right') - 1
   row_docs = docs.reshape(num_rows, length)[:, 1:].astype(np.int32)
-  whole = covers_split and (max_batches is None
-                            or max_batches * per_global >= num_rows)
-  if max_batches is not None and max_batches * per_global < num_rows:
+  sampled = max_batches is not None and max_batches * per_global < num_rows
+  if sampled:
     pick = np.linspace(0, num_rows, max_batches * per_global, endpoint=False)
     pick = pick.astype(np.int64)
     rows, row_docs = rows[pick], row_docs[pick]
-  return EvalSet(rows, row_docs, num_documents, whole, batch_size,
-                 shard_index, shard_count)
+  return EvalSet(rows, row_docs, num_documents, covers_split and not sampled,
+                 batch_size, shard_index, shard_count)
 
 
 def global_batch(local_batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

@@ -31,12 +31,6 @@ class Interval(NamedTuple):
   n: int          # seeds, or documents for a bootstrap
   kind: str       # 'seeds', 'bootstrap over documents' or 'single value'
 
-  def __str__(self) -> str:
-    if self.kind == 'single value':
-      return f'{self.mean:+.4f} (one run: no interval)'
-    return (f'{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] '
-            f'({self.n} {"seeds" if self.kind == "seeds" else "documents, bootstrap"})')
-
 
 def mean_interval(values) -> Interval:
   """The mean of `values` (one per seed) and its 95% Student-t interval."""

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe import data, run_config, run_dir, sharding
 from moe import metrics as metrics_lib
-from moe.checkpoint import Checkpointer, CheckpointError
+from moe.checkpoint import Checkpointer, CheckpointError, latest_step
 from moe.config import ModelConfig
 from moe.model import Transformer, lm_loss
 
@@ -340,10 +340,13 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   # Periodic evaluations read `eval_batches` batches spread over the
   # validation split; the last step's reads `final_eval_batches` (0: both the
   # whole split). Too small a split for one batch fails here.
-  eval_set, final_set = (
-      data.eval_set(run.data, seq_len=config.seq_len, batch_size=local_batch,
-                    max_batches=n or None)
-      for n in (config.eval_batches, config.final_eval_batches))
+  def eval_rows(batches: int) -> data.EvalSet:
+    return data.eval_set(run.data, seq_len=config.seq_len,
+                         batch_size=local_batch, max_batches=batches or None)
+
+  eval_set = eval_rows(config.eval_batches)
+  same_sets = config.final_eval_batches == config.eval_batches
+  final_set = eval_set if same_sets else eval_rows(config.final_eval_batches)
 
   # --- Mesh, model and optimizer -----------------------------------------------
   mesh = sharding.make_mesh(run.mesh_shape)
@@ -494,7 +497,7 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
         last_eval = metrics_lib.summarize(last_eval)
         writer.write_eval(step, last_eval)
         if step == steps:
-          if config.final_eval_batches != config.eval_batches:
+          if not same_sets:
             last_eval, per_doc = evaluate(s, state, final_set)
             last_eval = metrics_lib.summarize(last_eval)
           writer.write_eval(step, last_eval, prefix='final/')
@@ -521,3 +524,19 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
     finally:
       ckpt.close()   # waits for the last save
   return {'train': last, 'eval': last_eval, 'step': step}
+
+
+def train_unfinished(runs: dict[str, Any], *, command: str) -> None:
+  """Trains, one after another, each `workdir -> config` of `runs` whose
+  newest checkpoint is short of its num_steps (the others are finished),
+  after validating every config, so a bad one fails before any trains
+  (scripts/compare.py, scripts/token_budget.py)."""
+  for config in runs.values():
+    run_config.validate(config, jax.device_count())
+  for workdir, config in runs.items():
+    done = latest_step(workdir)
+    if done is not None and done >= config.num_steps:
+      _print(f'{workdir}: finished ({done} steps), skipping')
+      continue
+    _print(f'{workdir}: training to step {config.num_steps}')
+    train(config, workdir, command=command)

@@ -114,7 +114,8 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
 
 
 def _step_fn(config, model_cfg):
-  """(call, compile+first-step seconds, compiled) of the real train step."""
+  """(call, compile+first-step seconds, compiled, eval call) of the real
+  train step, and of its eval step on the same batch."""
   import jax
   import numpy as np
   from moe import sharding, train_lib
@@ -135,7 +136,29 @@ def _step_fn(config, model_cfg):
     box['state'], metrics = compiled(box['state'], tokens)
     jax.block_until_ready(metrics['loss'])
 
-  return call, first, compiled
+  def eval_call():
+    jax.block_until_ready(s.eval_step(box['state'], tokens)['loss'])
+
+  eval_call()   # compile, not timed
+  return call, first, compiled, eval_call
+
+
+def _eval_share(config, eval_batch_s: float, step_s: float) -> dict:
+  """The config's evaluations (every eval_every steps on eval_batches, the
+  last step's on final_eval_batches) against its num_steps train steps,
+  from one eval batch's and one train step's seconds."""
+  from moe import data, run_config
+  cfg = run_config.data_config(config)
+
+  def batches(n):
+    return len(data.eval_set(cfg, seq_len=config.seq_len, batch_size=config.batch_size,
+                             max_batches=n or None, shard_index=0, shard_count=1))
+  periodic = -(-config.num_steps // config.eval_every) * batches(config.eval_batches)
+  final = (0 if config.final_eval_batches == config.eval_batches
+           else batches(config.final_eval_batches))
+  return {'eval_batch_s': eval_batch_s, 'eval_batches_per_run': periodic + final,
+          'share_of_training': (periodic + final) * eval_batch_s
+                               / (config.num_steps * step_s)}
 
 
 def _loader(config) -> dict:
@@ -239,6 +262,8 @@ def main(argv):
   # the share of a step that fetching its batch would take if nothing
   # overlapped it (the loop fetches while the device runs the step).
   loader = _loader(config)
+  result['evaluation'] = _eval_share(
+      config, _median_times({'eval': built['moe'][3]}, steps, rounds)['eval'], step['moe'])
   consumed = config.batch_size / step['moe']
   result['loader'] = {**loader, 'consumed_rows_per_sec': consumed,
                       'over_consumption': loader['rows_per_sec'] / consumed,
@@ -267,6 +292,8 @@ def main(argv):
       ('batch fetch time / MoE step time (no overlap counted)',
        result['loader']['fetch_share_of_step'], '< 0.02'),
       ('loader start-up (s): split tokenized, first batch', loader['startup_s'], ''),
+      ("the config's evaluations / its training time (eval batch over train step)",
+       result['evaluation']['share_of_training'], '<= 0.20'),
       ('peak memory (MiB)', result['peak_memory_mb'], ''),
       ('matmul peak (GFLOP/s)', result['matmul_peak_gflops'], ''),
   ]

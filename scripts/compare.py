@@ -39,25 +39,15 @@ def main(argv):
   del argv
   from moe.run_config import quiet_logs
   quiet_logs()
-  import jax
-  from moe import checkpoint, report, run_config, train_lib
+  from moe import report, run_config, train_lib
   if not _REPORT_ONLY.value:
     runs = {}
     for seed in range(_SEEDS.value):
       config = _CONFIG.value.copy_and_resolve_references()
       config.seed = seed
       for name, c in run_config.dense_twins(config).items():
-        runs[os.path.join(f'seed_{seed}', name)] = c
-    for config in runs.values():  # refuse any bad config before training one
-      run_config.validate(config, jax.device_count())
-    for name, config in runs.items():
-      workdir = os.path.join(_WORKDIR.value, name)
-      done = checkpoint.latest_step(workdir)
-      if done is not None and done >= config.num_steps:
-        print(f'{name}: finished ({done} steps), skipping')
-        continue
-      print(f'{name}: training to step {config.num_steps} in {workdir}')
-      train_lib.train(config, workdir, command=shlex.join(sys.argv))
+        runs[os.path.join(_WORKDIR.value, f'seed_{seed}', name)] = c
+    train_lib.train_unfinished(runs, command=shlex.join(sys.argv))
   print('report:', report.write_report(_WORKDIR.value))
 
 

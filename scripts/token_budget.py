@@ -135,19 +135,11 @@ def main(argv):
   quiet_logs()
   steps, seeds = _ints('steps', _STEPS.value), _ints('seeds', _SEEDS.value)
   if not _REPORT_ONLY.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    from moe import checkpoint, run_config, train_lib  # pylint: disable=g-import-not-at-top
+    from moe import train_lib  # pylint: disable=g-import-not-at-top
     study = runs(_CONFIG.value, steps, seeds)
-    for config in study.values():   # refuse any bad config before training one
-      run_config.validate(config, jax.device_count())
-    for (n, seed, arm), config in study.items():
-      workdir = run_dir(_WORKDIR.value, n, seed, arm)
-      done = checkpoint.latest_step(workdir)
-      if done is not None and done >= n:
-        print(f'{workdir}: finished, skipping')
-        continue
-      print(f'{workdir}: training to step {n}')
-      train_lib.train(config, workdir, command=shlex.join(sys.argv))
+    train_lib.train_unfinished(
+        {run_dir(_WORKDIR.value, n, seed, arm): c for (n, seed, arm), c in study.items()},
+        command=shlex.join(sys.argv))
   print('report:', write_report(_WORKDIR.value, steps, seeds))
 
 

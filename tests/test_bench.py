@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import switch  # noqa: E402
-from moe import dispatch, run_config  # noqa: E402
+from moe import data, dispatch, run_config  # noqa: E402
 
 # MoE in one layer of two, so the share below counts MoE layers, not layers.
 SMALL = {'model.num_layers': 2, 'model.moe_every': 2, 'batch_size': 4, 'seq_len': 64,
@@ -60,6 +60,14 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path, data_dir):
   assert math.isclose(loader['over_consumption'],
                       loader['rows_per_sec'] / loader['consumed_rows_per_sec'])
   assert math.isclose(loader['fetch_share_of_step'], 1 / loader['over_consumption'])
+  # The recipe's evaluations (600 steps, every 100 on 12 batches, then the
+  # whole split) against its training: batches x eval batch / train time.
+  ev = r['evaluation']
+  rows = data.split_stats(data.DataConfig(data_dir=data_dir), 'validation')['tokens'] // 65
+  assert ev['eval_batches_per_run'] == 6 * 12 + -(-rows // 4)
+  assert ev['eval_batch_s'] > 0
+  assert math.isclose(ev['share_of_training'],
+                      ev['eval_batches_per_run'] * ev['eval_batch_s'] / (600 * step['moe']))
   # MFU counts active FLOPs only: FLOPs/token x tokens / step time / peak.
   for name, key in (('moe', 'mfu_moe'), ('dense_total', 'mfu_dense')):
     assert math.isclose(r[key], flops[name] * 4 * 64 / step[name]

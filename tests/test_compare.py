@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import switch  # noqa: E402
-from moe import report, run_config  # noqa: E402
+from moe import intervals, report, run_config  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from tiny import SWITCH_OVERRIDES, read_jsonl  # noqa: E402
 
@@ -114,11 +114,19 @@ def test_one_seed_report_bootstraps_over_documents(compared, tmp_path):
   report.write_report(one)
   text = open(os.path.join(one, 'report.md')).read()
   docs = json.load(open(os.path.join(one, 'seed_0', 'moe', 'final_eval_documents.json')))
+  twin = json.load(open(os.path.join(one, 'seed_0', 'dense_active',
+                                     'final_eval_documents.json')))
   n = sum(t > 0 for t in docs['tokens'])
   row = next(l for l in text.splitlines()
              if l.startswith(f"| vs. {report.LABELS['dense_active']} |"))
   assert f'{n} documents (bootstrap)' in row
-  assert 'evaluation noise only: one training run' in text or 'within noise' in text
+  # The row's interval and verdict are the paired bootstrap of the two
+  # runs' per-document losses, and the sentence says the same.
+  d = intervals.paired_bootstrap(docs['loss_sum'], twin['loss_sum'], docs['tokens'])
+  cells = [c.strip() for c in row.split('|')[1:-1]]
+  assert cells[2:4] == [f'{d.mean:+.4f}', f'[{d.low:+.4f}, {d.high:+.4f}]']
+  assert cells[5] == intervals.verdict(d)
+  assert report.sentence('dense_active', d) in text
   # The per-document sums add up to the logged final loss.
   assert sum(docs['loss_sum']) / sum(docs['tokens']) == pytest.approx(
       _per_seed_final(workdir, 0, 'moe'), rel=1e-6)

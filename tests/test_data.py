@@ -313,6 +313,7 @@ def test_cpu_recipe_batches_sample_the_corpus(stdlib_cfg):
       assert at >= 0
       sources.add(int(np.searchsorted(starts, at, side='right')) - 1)
     distinct.append(len(sources))
+  print(f'distinct source files per batch: {distinct}; median {np.median(distinct)}')
   assert np.median(distinct) >= 12, distinct
 
 
