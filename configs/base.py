@@ -100,6 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_to_keep = 3
   c.nonfinite = 'skip'            # non-finite loss/grads: 'skip' the update or 'stop'
   c.restore_fallback = False      # damaged latest checkpoint: use the previous one
+  c.accept_config_change = False  # resume under a changed model/data/optimizer/seed
+                                  # config (recorded in starts.jsonl); else refused
   c.peak_flops_per_device = 0.0   # MFU peak; 0: measured by a matmul probe
   c.progress_bar = True           # tqdm on process 0
 

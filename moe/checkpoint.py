@@ -10,6 +10,7 @@ mesh restores under another. Errors from orbax are never swallowed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from moe import run_dir
+from moe import disk_space, run_dir
 
 
 def _path(keys) -> str:
@@ -47,6 +48,21 @@ class _ReadOnlyNotice(logging.Filter):
 _READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
+class _DiskFullNoise(logging.Filter):
+  """Drops orbax's error logs (each with a traceback, from several
+  threads) of a save that ran out of disk space: Checkpointer reports it
+  in one line (disk_space.DiskFullError)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = str(record.msg) % record.args if record.args else str(record.msg)
+    if 'No space left on device' in text:
+      return False
+    return not (record.exc_info and disk_space.is_disk_full(record.exc_info[1]))
+
+
+_DISK_FULL_NOISE = _DiskFullNoise()
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int | None = None,
@@ -57,6 +73,9 @@ class Checkpointer:
       directory = os.path.abspath(directory)
     if read_only:
       logging.getLogger('absl').addFilter(_READ_ONLY_NOTICE)   # orbax logs through absl
+    for logger in ('absl', 'asyncio'):   # orbax's logs; its tasks' errors
+      logging.getLogger(logger).addFilter(_DISK_FULL_NOISE)
+    self._saving: int | None = None   # the step of the last save started
     self.manager = ocp.CheckpointManager(
         directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -67,15 +86,51 @@ class Checkpointer:
             save_interval_steps=0 if read_only else 1,   # orbax warns otherwise
             enable_async_checkpointing=True, cleanup_tmp_directories=not read_only))
 
+  @property
+  def directory(self) -> str:
+    return str(self.manager.directory)
+
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def latest_step(self) -> int | None:
+    return max(self.all_steps(), default=None)
+
+  def saved_config(self, step: int) -> dict | None:
+    """The config (JSON) checkpoint `step` was saved with; None if it
+    cannot be read (restore then reports the damage)."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore())).config
+    except Exception:  # pylint: disable=broad-except
+      return None
+
   def save(self, step: int, state, data_state: dict, config: dict) -> None:
-    """Starts an async save of `state` (a pytree of jax.Arrays) at `step`."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=True)
+    """Starts an async save of `state` (a pytree of jax.Arrays) at `step`.
+    A save that runs out of disk space, this one or the previous one still
+    being written, raises a one-line disk_space.DiskFullError."""
+    self.wait_until_finished()
+    self._saving = step
+    with self._disk_full_as_one_line():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config)), force=True)
+
+  def wait_until_finished(self) -> None:
+    """Waits for the save in flight (DiskFullError if it ran out of space)."""
+    with self._disk_full_as_one_line():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _disk_full_as_one_line(self):
+    try:
+      yield
+    except Exception as e:  # orbax re-raises tensorstore's errors as ValueError
+      if not disk_space.is_disk_full(e):
+        raise
+      raise disk_space.failed_save(self.directory, self._saving,
+                                   self.latest_step()) from None
 
   def restore(self, step: int, abstract_state, state_shardings):
     """(state, data_state) of `step`, laid out by `state_shardings`."""
@@ -167,8 +222,13 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save and closes; a save that ran out of space is
+    a DiskFullError, raised once orbax's threads have stopped."""
+    try:
+      self.wait_until_finished()
+    finally:
+      with contextlib.suppress(Exception):   # the same failure, again
+        self.manager.close()
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

@@ -50,11 +50,15 @@ def parse(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-# The errors a user's input causes, as (module, class): a config value, an
-# unprepared dataset, a checkpoint that does not fit or cannot be read.
+# The errors a user's input or machine causes, as (module, class): a config
+# value, an unprepared or damaged dataset, a checkpoint that does not fit or
+# cannot be read, a workdir in use, a full disk.
 USER_ERRORS = (('moe.config', 'ConfigError'),
                ('moe.data', 'DatasetNotPreparedError'),
-               ('moe.checkpoint', 'CheckpointError'))
+               ('moe.corpus_check', 'CorpusDamagedError'),
+               ('moe.checkpoint', 'CheckpointError'),
+               ('moe.run_lock', 'WorkdirLockedError'),
+               ('moe.disk_space', 'DiskFullError'))
 
 
 def user_error_line(e: BaseException) -> str | None:

@@ -21,8 +21,10 @@ Public interface::
   split_stats(cfg, split) -> {'documents', 'bytes', 'tokens'}
   prepare_command(cfg) -> str                # shell command preparing cfg
   DatasetNotPreparedError                    # message holds prepare_command
+  verify(cfg) -> {split: [Damage]}           # reads every record
+  rebuild_command(cfg) -> str                # rebuilds a damaged dataset
   python -m moe.data --name NAME --data_dir DIR [--text_files GLOB]
-                                             # prepare + print split stats
+                     [--verify | --rebuild]  # prepare + print split stats
 
 Corpora (`DataConfig.name`):
   * 'python_stdlib' (default): the running interpreter's standard-library
@@ -104,7 +106,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moe import data_builders, run_dir
+from moe import corpus_check, data_builders, run_dir
 from moe.config import ConfigError
 
 OUR_DATASETS = ('python_stdlib', 'text_files')
@@ -274,6 +276,14 @@ def prepare_command(cfg: DataConfig) -> str:
           f'--data_dir={shlex.quote(data_dir)}')
 
 
+def rebuild_command(cfg: DataConfig) -> str:
+  """The shell command that deletes `cfg`'s prepared dataset and prepares it
+  again (for a damaged one)."""
+  if cfg.name in OUR_DATASETS:
+    return prepare_command(cfg) + ' --rebuild'
+  return prepare_command(cfg) + ' --overwrite'
+
+
 def check_source(cfg: DataConfig) -> None:
   """Refuses a data source this run cannot read, from metadata only (for
   run_config.validate, before anything expensive): a data_dir this machine
@@ -358,7 +368,11 @@ def _source(cfg: DataConfig, split: str):
     raise ConfigError(
         f'data.text_key={cfg.text_key!r} is not a feature of {cfg.name!r}; '
         f'it has {sorted(features)}.')
-  return builder.as_data_source(split)
+  return corpus_check.CheckedSource(
+      builder.as_data_source(split), dataset=cfg.name, split=split,
+      shards=[(fi.filename, fi.skip, fi.take)
+              for fi in builder.info.splits[split].file_instructions],
+      rebuild_command=rebuild_command(cfg))
 
 
 # --- Pipeline ----------------------------------------------------------------
@@ -671,28 +685,58 @@ def split_stats(cfg: DataConfig, split: str) -> dict[str, int]:
   return {'documents': docs, 'bytes': nbytes, 'tokens': tokens}
 
 
+def verify(cfg: DataConfig) -> dict[str, list[corpus_check.Damage]]:
+  """Reads every record of every split of the prepared dataset; the damaged
+  shard files of each split (empty lists: intact)."""
+  builder = prepare(cfg)
+  return {split: corpus_check.scan(_source(cfg, split))
+          for split in sorted(builder.info.splits)}
+
+
+def rebuild(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+  """Deletes our prepared corpus and builds it again (a damaged one). A TFDS
+  dataset is rebuilt where TensorFlow is installed (`rebuild_command`)."""
+  if cfg.name not in OUR_DATASETS:
+    raise ConfigError(f'{cfg.name!r} is not built by moe; rebuild it where '
+                      f'TensorFlow is installed: {rebuild_command(cfg)}')
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  builder = prepare(cfg)
+  epath.Path(builder.data_dir).rmtree()
+  return prepare(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog='python -m moe.data',
-      description='Prepare a corpus as array_record and print its statistics.')
+      description='Prepare a corpus as array_record and print its statistics; '
+                  'or verify or rebuild a prepared one.')
   parser.add_argument('--name', default='python_stdlib')
   parser.add_argument('--data_dir', default=None)
   parser.add_argument('--text_files', default=None)
   parser.add_argument('--tokenizer', default='bytes')
+  action = parser.add_mutually_exclusive_group()
+  action.add_argument('--verify', action='store_true',
+                      help='read every record of every split; name damaged '
+                           'files (exit 1 if any)')
+  action.add_argument('--rebuild', action='store_true',
+                      help='delete the prepared corpus (ours) and build it again')
   args = parser.parse_args(argv)
   start = time.perf_counter()
   try:   # bad input: one line, as from train.py (moe.config_flag.run)
     cfg = DataConfig(name=args.name, data_dir=args.data_dir,
                      text_files=args.text_files, tokenizer=args.tokenizer)
-    builder = prepare(cfg)
+    if args.verify:
+      _print_verification(cfg, verify(cfg), parser)
+      return
+    builder = rebuild(cfg) if args.rebuild else prepare(cfg)
   except Exception as e:  # pylint: disable=broad-except
     from moe import config_flag  # pylint: disable=g-import-not-at-top
     line = config_flag.user_error_line(e)
     if line is None:
       raise
     parser.exit(1, line)
-  print(f'{cfg.name}: prepared at {builder.data_dir} '
-        f'in {time.perf_counter() - start:.1f}s')
+  print(f'{cfg.name}: {"rebuilt" if args.rebuild else "prepared"} at '
+        f'{builder.data_dir} in {time.perf_counter() - start:.1f}s')
   for split in (cfg.train_split, cfg.eval_split):
     if split in builder.info.splits:
       print(f'  {split}: {split_stats(cfg, split)}')
@@ -700,6 +744,16 @@ def main(argv: list[str] | None = None) -> None:
   h = unigram_entropy(cfg)
   print(f'  unigram entropy (train): {h:.4f} nats/token '
         f'({h / math.log(2):.3f} bits)')
+
+
+def _print_verification(cfg: DataConfig, damage: dict, parser) -> None:
+  for split, files in damage.items():
+    print(f'{cfg.name} {split}: '
+          + ('intact' if not files else f'{len(files)} damaged file(s)'))
+    for d in files:
+      print(f'  DAMAGED {d.file}: {d.bad_records} unreadable record(s)')
+  if any(damage.values()):
+    parser.exit(1, f'damaged: rebuild with {rebuild_command(cfg)}\n')
 
 
 if __name__ == '__main__':

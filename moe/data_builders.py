@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import glob as glob_lib
 import hashlib
+import logging
 import os
 import sys
 import sysconfig
@@ -42,6 +43,21 @@ from moe.config import ConfigError
 
 VALIDATION_FRACTION = 0.02
 _SKIP_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
+
+
+class _BuilderNotices(logging.Filter):
+  """Drops TFDS's warnings about our own builders that ask nothing of the
+  user: 'Using custom data configuration' (our text_files config, logged
+  at every builder made, three times a run) and 'Variant folder ... has no
+  dataset_info.json' (a corpus about to be built)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = str(record.msg)
+    return not (msg.startswith('Using custom data configuration')
+                or msg.startswith('Variant folder %s has no %s'))
+
+
+logging.getLogger('absl').addFilter(_BuilderNotices())   # TFDS logs through absl
 
 
 def _path_hash(relpath: str) -> int:

@@ -27,7 +27,8 @@ TOP_LEVEL_KEYS = (
     'restore_step', 'skip_batches', 'init_from', 'optimizer', 'mesh', 'fsdp',
     'log_every', 'eval_every', 'eval_batches', 'final_eval_batches',
     'checkpoint_every',
-    'max_to_keep', 'nonfinite', 'restore_fallback', 'peak_flops_per_device',
+    'max_to_keep', 'nonfinite', 'restore_fallback', 'accept_config_change',
+    'peak_flops_per_device',
     'progress_bar', 'eval')
 OPTIMIZER_KEYS = ('name', 'learning_rate', 'warmup_steps', 'decay',
                   'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe import data, run_config, run_dir, sharding
+from moe import config_drift, data, disk_space, run_config, run_dir, run_lock, sharding
 from moe import metrics as metrics_lib
 from moe.checkpoint import Checkpointer, CheckpointError, latest_step
 from moe.config import ModelConfig
@@ -320,15 +320,113 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _agree(message: str | None) -> str | None:
+  """The first message any process has (each from its own check), so that
+  every process stops together; None when none has one."""
+  return next((m for m in _per_process(message) if m), None)
+
+
+def _refused_by_any(check: Callable[[], Any], error: type[Exception]):
+  """Runs `check` here; if it raised `error` on any process, raises it on
+  every process with that process's message. Returns check's result."""
+  result, message = None, None
+  try:
+    result = check()
+  except error as e:
+    message = str(e)
+  message = _agree(message)
+  if message:
+    raise error(message)
+  return result
+
+
 def train(config, workdir: str, *, command: str | None = None) -> dict:
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns the last logged train metrics and the last eval metrics."""
+  Returns the last logged train metrics and the last eval metrics. Process
+  0 holds the workdir's lock (moe.run_lock) for the run's life."""
   # --- Validate everything before anything expensive -------------------------
   run = run_config.validate(config, jax.device_count())
   data.check_source(run.data)   # here, not in validate: a sweep's launcher may lack the data
   run_dir.check_writable(workdir)
+  command = command or ' '.join(sys.argv)
+  lock = run_lock.RunLock(workdir, command)
+  notice = _refused_by_any(
+      lock.acquire if jax.process_index() == 0 else lambda: None,
+      run_lock.WorkdirLockedError)
+  if notice:
+    _print(notice)
+  try:
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                        max_to_keep=config.max_to_keep)
+    try:
+      return _train(config, run, workdir, command, ckpt, lock)
+    finally:
+      ckpt.close()   # waits for the last save
+  finally:
+    if jax.process_index() == 0:
+      lock.release()
+
+
+def _resume_point(config, ckpt: Checkpointer) -> tuple[int | None, int | None]:
+  """(at_most, step): the restore_step bound still to honour (None: the
+  newest step) and the checkpoint step a restore will start from (None:
+  a fresh run; a damaged newest step may make a fall-back restore older)."""
+  at_most = None if config.restore_step < 0 else config.restore_step
+  if at_most is not None and ckpt.restarted_from(at_most):
+    # This restart already happened (a preempted restart re-runs the same
+    # command): resume from the newest checkpoint instead of rewinding again.
+    _print(f'restore_step={at_most} was already honoured; resuming from the newest step')
+    at_most = None
+  steps = [s for s in ckpt.all_steps() if at_most is None or s <= at_most]
+  return at_most, max(steps, default=None)
+
+
+def _check_config_drift(config, ckpt: Checkpointer, step: int | None) -> dict:
+  """Refuses (config_drift.check) resuming `step` under a config that
+  differs from the one it was saved with; returns the differences."""
+  saved = None if step is None else ckpt.saved_config(step)
+  if saved is None:   # a fresh run, or unreadable: restore reports the damage
+    return {}
+  changes, notice = config_drift.check(
+      saved, json.loads(config.to_json_best_effort()), step=step,
+      accept=config.accept_config_change)
+  if notice:
+    _print(notice)
+  return changes
+
+
+def _record_start(workdir: str, config, command: str, step: int | None,
+                  changes: dict) -> None:
+  """config.json := this start's config; starts.jsonl += one line with the
+  config, the step it resumes (null: fresh) and its differences from the
+  checkpoint's config."""
+  run_dir.write_text(workdir, 'config.json', config.to_json_best_effort(indent=2))
+  run_dir.append_text(workdir, 'command.txt', command + '\n')
+  line = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step,
+          'command': command,
+          'changes': {k: list(v) for k, v in changes.items()},
+          'config': json.loads(config.to_json_best_effort())}
+  run_dir.append_text(workdir, 'starts.jsonl', json.dumps(line) + '\n')
+
+
+def _train(config, run: run_config.Run, workdir: str, command: str,
+           ckpt: Checkpointer, lock: run_lock.RunLock) -> dict:
   cfg, steps = run.model, config.num_steps
+  at_most, resume_step = _resume_point(config, ckpt)
+  changes = _check_config_drift(config, ckpt, resume_step)
+
+  # --- Mesh, model and optimizer; disk space for the checkpoints ----------------
+  mesh = sharding.make_mesh(run.mesh_shape)
+  tx = make_optimizer(config.optimizer, steps)
+  lr = learning_rate_schedule(config.optimizer, steps)
+  s = setup(cfg, tx, mesh, seed=config.seed, fsdp=config.fsdp)
+  ckpt_bytes = disk_space.checkpoint_bytes(s.abstract_state)
+  _refused_by_any(lambda: disk_space.check_before_training(
+      ckpt.directory, ckpt_bytes, kept=len(ckpt.all_steps()),
+      max_to_keep=config.max_to_keep,
+      saves=disk_space.saves_left(resume_step or 0, steps, config.checkpoint_every)),
+                  disk_space.DiskFullError)
 
   # --- Input pipeline ------------------------------------------------------------
   if jax.process_index() == 0:
@@ -348,27 +446,9 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   same_sets = config.final_eval_batches == config.eval_batches
   final_set = eval_set if same_sets else eval_rows(config.final_eval_batches)
 
-  # --- Mesh, model and optimizer -----------------------------------------------
-  mesh = sharding.make_mesh(run.mesh_shape)
-  tx = make_optimizer(config.optimizer, steps)
-  lr = learning_rate_schedule(config.optimizer, steps)
-  s = setup(cfg, tx, mesh, seed=config.seed, fsdp=config.fsdp)
-
   # --- Restore or initialize ---------------------------------------------------------
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                      max_to_keep=config.max_to_keep)
-  at_most = None if config.restore_step < 0 else config.restore_step
-  if at_most is not None and ckpt.restarted_from(at_most):
-    # This restart already happened (a preempted restart re-runs the same
-    # command): resume from the newest checkpoint instead of rewinding again.
-    _print(f'restore_step={at_most} was already honoured; resuming from the newest step')
-    at_most = None
-  try:
-    restored = ckpt.restore_latest(s.abstract_state, s.state_shardings,
-                                   fallback=config.restore_fallback, at_most=at_most)
-  except BaseException:
-    ckpt.close()   # no orbax threads left behind by a refused checkpoint
-    raise
+  restored = ckpt.restore_latest(s.abstract_state, s.state_shardings,
+                                 fallback=config.restore_fallback, at_most=at_most)
   # Every process has looked (restarted_from, restore) before process 0
   # moves any step directory.
   multihost_utils.sync_global_devices('checkpoints restored')
@@ -395,12 +475,8 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
       state = upcycle.upcycle_state(config, s, state)
   else:
     step, state, data_state = restored
-    try:
-      _restore_iterator(train_it, _own_iterator_state(data_state, step), step,
-                        data.row_shuffle(run.data, run.data.train_split))
-    except BaseException:
-      ckpt.close()
-      raise
+    _restore_iterator(train_it, _own_iterator_state(data_state, step), step,
+                      data.row_shuffle(run.data, run.data.train_split))
     progress = data_state['progress']
     _print(f'resumed from step {step} in {workdir}')
   sharding.check_sharded(state.params, s.state_shardings.params)
@@ -414,8 +490,9 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
       next(train_it)
     restarts[str(config.restore_step)] = config.skip_batches
   if jax.process_index() == 0:
-    run_dir.write_text(workdir, 'config.json', config.to_json_best_effort(indent=2))
-    run_dir.append_text(workdir, 'command.txt', (command or ' '.join(sys.argv)) + '\n')
+    _record_start(workdir, config, command, None if restored is None else step,
+                  changes)
+  config_json = json.loads(config.to_json_best_effort())
 
   def next_batch():
     local = next(train_it)
@@ -423,14 +500,24 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
     return data.global_batch(local, s.batch_sharding)
 
   def save(at_step: int) -> None:
+    # Every process agrees before any saves: process 0 still holds the lock,
+    # and no process's disk is too full for one more checkpoint.
+    ckpt.wait_until_finished()
+    lost = lock.check() if jax.process_index() == 0 else None
+    lost = _agree(lost and f'stopping without saving step {at_step}: {lost}')
+    if lost:
+      raise run_lock.WorkdirLockedError(lost)
+    _refused_by_any(lambda: disk_space.check_before_save(
+        ckpt.directory, ckpt_bytes, at_step, ckpt.latest_step()),
+                    disk_space.DiskFullError)
     ckpt.save(at_step, state, {'iterators': _per_process(train_it.get_state()),
                                'progress': progress}, config_json)
     writer.sync()   # a remote workdir's metrics, up to this checkpoint
 
   # --- Metrics; compile and train in one try -------------------------------------------
   # Whatever fails in the try, compilation included, still closes the writer
-  # (uploading a remote workdir's metrics) and the checkpointer; a SIGTERM
-  # during compilation saves after the first step.
+  # (uploading a remote workdir's metrics); train() closes the checkpointer.
+  # A SIGTERM during compilation saves after the first step.
   writer = metrics_lib.MetricWriter(workdir, total_steps=steps,
                                     progress=config.progress_bar or False)
   preempted = _Preemption(ckpt)
@@ -458,7 +545,6 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   last, last_eval = {}, {}
   try:
     # Compile: time to first step and peak memory.
-    config_json = json.loads(config.to_json_best_effort())
     t0 = time.perf_counter()
     tokens = next_batch()
     compiled_step = s.train_step.lower(state, tokens).compile()
@@ -519,10 +605,7 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
         progress['train_seconds'] += time.perf_counter() - t_data
   finally:
     preempted.close()
-    try:
-      writer.close()
-    finally:
-      ckpt.close()   # waits for the last save
+    writer.close()
   return {'train': last, 'eval': last_eval, 'step': step}
 
 

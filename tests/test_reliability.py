@@ -596,6 +596,7 @@ def test_checkpoint_of_another_model_shape_is_refused(expert4_run, tmp_path, mon
   shutil.copytree(source, workdir)
   c = c.copy_and_resolve_references()
   c.model.d_model = 32
+  c.accept_config_change = True   # past the config-drift refusal (test_accidents.py)
   _no_compile(monkeypatch)
   with pytest.raises(CheckpointError) as e:
     train_lib.train(c, workdir)
@@ -614,6 +615,7 @@ def test_checkpoint_of_another_row_order_is_refused(expert4_run, tmp_path, monke
   shutil.copytree(source, workdir)
   c = c.copy_and_resolve_references()
   c.data.row_shuffle = 'window'
+  c.accept_config_change = True   # past the config-drift refusal (test_accidents.py)
   _no_compile(monkeypatch)
   with pytest.raises(CheckpointError) as e:
     train_lib.train(c, workdir)
