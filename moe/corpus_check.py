@@ -26,7 +26,7 @@ class CorpusDamagedError(RuntimeError):
 class Damage(NamedTuple):
   file: str
   bad_records: int
-  first_error: str
+  first_record: int   # the first unreadable record's index in the file
 
 
 class CheckedSource:
@@ -75,7 +75,7 @@ def scan(source: CheckedSource) -> list[Damage]:
   for i in range(len(source)):
     try:
       source[i]
-    except CorpusDamagedError as e:
-      entry = bad.setdefault(source.locate(i)[0], [0, str(e)])
-      entry[0] += 1
-  return [Damage(f, n, err) for f, (n, err) in bad.items()]
+    except CorpusDamagedError:
+      file, record = source.locate(i)
+      bad.setdefault(file, [0, record])[0] += 1
+  return [Damage(f, n, first) for f, (n, first) in bad.items()]

@@ -751,7 +751,8 @@ def _print_verification(cfg: DataConfig, damage: dict, parser) -> None:
     print(f'{cfg.name} {split}: '
           + ('intact' if not files else f'{len(files)} damaged file(s)'))
     for d in files:
-      print(f'  DAMAGED {d.file}: {d.bad_records} unreadable record(s)')
+      print(f'  DAMAGED {d.file}: {d.bad_records} unreadable record(s), '
+            f'the first at record {d.first_record}')
   if any(damage.values()):
     parser.exit(1, f'damaged: rebuild with {rebuild_command(cfg)}\n')
 

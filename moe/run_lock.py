@@ -45,6 +45,13 @@ class WorkdirLockedError(RuntimeError):
   """Another live trainer holds the workdir (the message names it)."""
 
 
+def _unknown(command: str) -> dict:
+  """The record of a lock whose holder cannot be read: stale (heartbeat at
+  the epoch)."""
+  return {'token': '', 'host': '?', 'pid': -1, 'command': command,
+          'started': 0.0, 'heartbeat': 0.0}
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -102,8 +109,7 @@ class RunLock:
       record['heartbeat'] = float(record['heartbeat'])
       return record
     except (ValueError, KeyError, TypeError):
-      return {'token': '', 'host': '?', 'pid': -1, 'command': '?',
-              'started': 0.0, 'heartbeat': 0.0}
+      return _unknown('?')
 
   def _write(self) -> None:
     text = json.dumps(self.record)
@@ -147,9 +153,7 @@ class RunLock:
       try:
         held = self.read()
         if held is None or held['token'] != self.record['token']:
-          self.lost_to = held or {'token': '', 'host': '?', 'pid': -1,
-                                  'command': '(lock file deleted)',
-                                  'started': 0.0, 'heartbeat': 0.0}
+          self.lost_to = held or _unknown('(lock file deleted)')
           return
         self.record['heartbeat'] = time.time()
         self._write()

@@ -320,10 +320,12 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _agree(message: str | None) -> str | None:
-  """The first message any process has (each from its own check), so that
-  every process stops together; None when none has one."""
-  return next((m for m in _per_process(message) if m), None)
+def _raise_on_all(message: str | None, error: type[Exception]) -> None:
+  """Raises `error` on every process with the first message any process
+  has (each from its own check), so that all stop together."""
+  message = next((m for m in _per_process(message) if m), None)
+  if message:
+    raise error(message)
 
 
 def _refused_by_any(check: Callable[[], Any], error: type[Exception]):
@@ -334,9 +336,7 @@ def _refused_by_any(check: Callable[[], Any], error: type[Exception]):
     result = check()
   except error as e:
     message = str(e)
-  message = _agree(message)
-  if message:
-    raise error(message)
+  _raise_on_all(message, error)
   return result
 
 
@@ -382,39 +382,41 @@ def _resume_point(config, ckpt: Checkpointer) -> tuple[int | None, int | None]:
   return at_most, max(steps, default=None)
 
 
-def _check_config_drift(config, ckpt: Checkpointer, step: int | None) -> dict:
+def _check_config_drift(config_json: dict, ckpt: Checkpointer, step: int | None,
+                        accept: bool) -> dict:
   """Refuses (config_drift.check) resuming `step` under a config that
   differs from the one it was saved with; returns the differences."""
   saved = None if step is None else ckpt.saved_config(step)
   if saved is None:   # a fresh run, or unreadable: restore reports the damage
     return {}
-  changes, notice = config_drift.check(
-      saved, json.loads(config.to_json_best_effort()), step=step,
-      accept=config.accept_config_change)
+  changes, notice = config_drift.check(saved, config_json, step=step,
+                                       accept=accept)
   if notice:
     _print(notice)
   return changes
 
 
-def _record_start(workdir: str, config, command: str, step: int | None,
-                  changes: dict) -> None:
+def _record_start(workdir: str, config_json: dict, command: str,
+                  step: int | None, changes: dict) -> None:
   """config.json := this start's config; starts.jsonl += one line with the
   config, the step it resumes (null: fresh) and its differences from the
   checkpoint's config."""
-  run_dir.write_text(workdir, 'config.json', config.to_json_best_effort(indent=2))
+  run_dir.write_text(workdir, 'config.json', json.dumps(config_json, indent=2))
   run_dir.append_text(workdir, 'command.txt', command + '\n')
   line = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step,
           'command': command,
           'changes': {k: list(v) for k, v in changes.items()},
-          'config': json.loads(config.to_json_best_effort())}
+          'config': config_json}
   run_dir.append_text(workdir, 'starts.jsonl', json.dumps(line) + '\n')
 
 
 def _train(config, run: run_config.Run, workdir: str, command: str,
            ckpt: Checkpointer, lock: run_lock.RunLock) -> dict:
   cfg, steps = run.model, config.num_steps
+  config_json = json.loads(config.to_json_best_effort())
   at_most, resume_step = _resume_point(config, ckpt)
-  changes = _check_config_drift(config, ckpt, resume_step)
+  changes = _check_config_drift(config_json, ckpt, resume_step,
+                                config.accept_config_change)
 
   # --- Mesh, model and optimizer; disk space for the checkpoints ----------------
   mesh = sharding.make_mesh(run.mesh_shape)
@@ -490,9 +492,8 @@ def _train(config, run: run_config.Run, workdir: str, command: str,
       next(train_it)
     restarts[str(config.restore_step)] = config.skip_batches
   if jax.process_index() == 0:
-    _record_start(workdir, config, command, None if restored is None else step,
-                  changes)
-  config_json = json.loads(config.to_json_best_effort())
+    _record_start(workdir, config_json, command,
+                  None if restored is None else step, changes)
 
   def next_batch():
     local = next(train_it)
@@ -504,9 +505,8 @@ def _train(config, run: run_config.Run, workdir: str, command: str,
     # and no process's disk is too full for one more checkpoint.
     ckpt.wait_until_finished()
     lost = lock.check() if jax.process_index() == 0 else None
-    lost = _agree(lost and f'stopping without saving step {at_step}: {lost}')
-    if lost:
-      raise run_lock.WorkdirLockedError(lost)
+    _raise_on_all(lost and f'stopping without saving step {at_step}: {lost}',
+                  run_lock.WorkdirLockedError)
     _refused_by_any(lambda: disk_space.check_before_save(
         ckpt.directory, ckpt_bytes, at_step, ckpt.latest_step()),
                     disk_space.DiskFullError)

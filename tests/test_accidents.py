@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
-from moe import config_drift, data, run_lock, train_lib
+from moe import config_drift, data, disk_space, run_config, run_lock, sharding, train_lib
 from moe.config import ConfigError
 from moe.checkpoint import checkpoint_steps
 from moe.corpus_check import CorpusDamagedError
@@ -213,7 +214,7 @@ def _train_py(workdir, data_dir, **overrides):
           *[f'--config.{k}={v}' for k, v in over.items()]]
 
 
-def _in_small_fs(script: str, size: str, mountpoint: str, tmp_path, xla_cache):
+def _in_small_fs(script: str, size: str, mountpoint: str, xla_cache):
   """Runs shell `script` with a fresh tmpfs of `size` at `mountpoint`, in
   a private mount namespace (the mount vanishes with it)."""
   os.makedirs(mountpoint, exist_ok=True)
@@ -227,12 +228,24 @@ def _in_small_fs(script: str, size: str, mountpoint: str, tmp_path, xla_cache):
 def test_too_little_space_is_refused_before_training(data_dir, xla_cache, tmp_path):
   small = str(tmp_path / 'small')
   cmd = ' '.join(_train_py(f'{small}/run', data_dir, num_steps=40, checkpoint_every=10))
-  proc = _in_small_fs(cmd, '3m', small, tmp_path, xla_cache)
+  proc = _in_small_fs(cmd, '3m', small, xla_cache)
   line = _one_error_line(proc.stdout + proc.stderr, 'DiskFullError')
   assert re.search(r'FATAL DiskFullError: not enough disk space for the checkpoints under '
                    r'\S+/small/run/checkpoints: 3\.0 MB free, 4\.\d MB needed \(3 to keep \+ 1 '
                    r'being written, 1\.\d MB each, 0 already there\)', line), line
   assert proc.returncode == 1
+
+
+def _abstract_state():
+  """The train state of `_train_py`'s run, as ShapeDtypeStructs."""
+  sys.path.insert(0, REPO)
+  from configs import switch  # pylint: disable=g-import-not-at-top
+  c = switch.get_config('cpu')
+  c.update_from_flattened_dict(SWITCH_OVERRIDES)
+  run = run_config.validate(c, 1)
+  mesh = sharding.make_mesh(run.mesh_shape, jax.devices()[:1])
+  return train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps),
+                         mesh).abstract_state
 
 
 # Another file takes all but 300 KB: less than a checkpoint (1 MB), room
@@ -255,7 +268,7 @@ def test_disk_full_mid_run_ends_in_one_line_and_resumes(data_dir, xla_cache, tmp
             f'while [ ! -d {small}/run/checkpoints/20 ]; do sleep 0.02; done; '
             f'{sys.executable} -c "{_FILL}" {small}; '
             f'rc=0; wait $pid || rc=$?; echo rc=$rc; cp -a {small}/run {copy}')
-  proc = _in_small_fs(script, '8m', small, tmp_path, xla_cache)
+  proc = _in_small_fs(script, '8m', small, xla_cache)
   assert 'rc=1' in proc.stdout, proc.stdout + proc.stderr
   out = open(tmp_path / 'out.txt').read()
   line = _one_error_line(out, 'DiskFullError')
@@ -266,6 +279,12 @@ def test_disk_full_mid_run_ends_in_one_line_and_resumes(data_dir, xla_cache, tmp
   failed, last = int(m.group(1)), int(m.group(2))
   assert last >= 20 and failed == last + 20
   assert checkpoint_steps(copy)[-1] == last
+  # The free-space checks' estimate of a checkpoint against this one on disk.
+  on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
+                os.walk(os.path.join(copy, 'checkpoints', str(last))) for f in files)
+  arrays = disk_space.checkpoint_bytes(_abstract_state()) - disk_space.OVERHEAD_BYTES
+  assert 1.0 <= arrays / on_disk < 1.1, (arrays, on_disk)   # never below: no false room
+  print(f'checkpoint on disk {on_disk:,} bytes, arrays {arrays:,}')
 
   resumed = subprocess.run(_train_py(copy, data_dir, num_steps=100, checkpoint_every=20,
                                      eval_every=100),
@@ -302,6 +321,7 @@ def test_damaged_corpus_is_found_and_named(damaged_corpus, tmp_path, monkeypatch
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert f'DAMAGED {shard}' in proc.stdout and 'validation: intact' in proc.stdout
+  assert re.search(r'unreadable record\(s\), the first at record \d+', proc.stdout)
   assert f'--data_dir={copy} --rebuild' in proc.stderr
 
   # Training stops before its first step (the global row order reads the
