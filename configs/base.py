@@ -27,6 +27,9 @@ def moe_defaults() -> ml_collections.ConfigDict:
   m.jitter_eps = 0.0              # Switch jitter on router inputs (training)
   m.logit_noise_std = 0.0         # Gaussian noise on router logits (training)
   m.aux_loss_coef = 0.01          # unit-normalized aux loss (1.0 at uniform)
+  m.balance_scope = 'group'       # aux loss's token fractions f_e and mean probs
+                                  # P_e per routing 'group', or over the global
+                                  # 'batch' (Qiu et al. 2025; capacity stays per group)
   m.z_loss_coef = 1e-3            # ST-MoE router z-loss
   m.num_shared_experts = 0        # always-active experts of width expert_dim
   m.balance_bias_rate = 0.0       # DeepSeek-V3 aux-loss-free bias step (0: off)

@@ -24,6 +24,7 @@ import difflib
 import math
 
 ROUTERS = ('tokens_choose', 'experts_choose')
+BALANCE_SCOPES = ('group', 'batch')
 PRIORITIES = ('choice', 'position')
 DISPATCHES = ('einsum', 'gather', 'dropless')
 DTYPES = ('float32', 'bfloat16')
@@ -64,6 +65,7 @@ class MoeConfig:
   jitter_eps: float = 0.0             # Switch jitter: inputs x U(1-eps, 1+eps)
   logit_noise_std: float = 0.0        # Gaussian noise on router logits
   aux_loss_coef: float = 0.01         # unit-normalized: aux == 1.0 at uniform
+  balance_scope: str = 'group'        # aux loss's f_e, P_e per 'group' or over the 'batch'
   z_loss_coef: float = 1e-3
   num_shared_experts: int = 0         # always-active experts of width expert_dim
   balance_bias_rate: float = 0.0      # DeepSeek-V3 aux-loss-free bias step; 0 = off
@@ -74,6 +76,7 @@ class MoeConfig:
     _check_choice('moe.router', self.router, ROUTERS)
     _check_choice('moe.dispatch', self.dispatch, DISPATCHES)
     _check_choice('moe.priority', self.priority, PRIORITIES)
+    _check_choice('moe.balance_scope', self.balance_scope, BALANCE_SCOPES)
     _check(1 <= self.top_k <= self.num_experts,
            f'moe.top_k={self.top_k} must be between 1 and '
            f'moe.num_experts={self.num_experts}.')

@@ -8,13 +8,21 @@ data, seed, optimizer, batch, sequence length) would make one run out of
 two different ones, so it is refused with the list of differences, unless
 `accept_config_change=True`: then it goes on, and the change is recorded
 in `workdir/starts.jsonl` with the config of every start.
+
+A field the saved config does not have at all was added to the code after
+the checkpoint was written: at its default value it keeps the behaviour the
+run was trained with (new fields are added so), so it passes with a notice;
+set to anything else it is a change like any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
-from moe.config import ConfigError
+from moe.config import ConfigError, ModelConfig, MoeConfig
+from moe.data import DataConfig
 
 # Dotted keys (a trailing '.' covers a whole section) that may change on a
 # restart.
@@ -50,6 +58,18 @@ def differences(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
           if a.get(k) != b.get(k)}
 
 
+@functools.cache
+def _field_defaults() -> dict[str, Any]:
+  """{'moe.top_k': 1, ...}: the defaults of the typed config sections."""
+  out = {}
+  for prefix, cls in (('model.', ModelConfig), ('moe.', MoeConfig),
+                      ('data.', DataConfig)):
+    for f in dataclasses.fields(cls):
+      if f.default is not dataclasses.MISSING:
+        out[prefix + f.name] = f.default
+  return out
+
+
 def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
   return '; '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items())
 
@@ -61,7 +81,11 @@ def check(saved: dict, new: dict, *, step: int, accept: bool) -> tuple[dict, str
   changes = differences(saved, new)
   if not changes:
     return changes, None
-  drift = {k: v for k, v in changes.items() if not _may_change(k)}
+  had, defaults = flatten(saved), _field_defaults()
+  added = {k: v for k, v in changes.items() if k not in had and k in defaults
+           and v[1] == defaults[k]}
+  drift = {k: v for k, v in changes.items()
+           if not _may_change(k) and k not in added}
   if drift and not accept:
     raise ConfigError(
         f'resuming step {step} with a config that differs from the one it was '
@@ -69,10 +93,13 @@ def check(saved: dict, new: dict, *, step: int, accept: bool) -> tuple[dict, str
         '(workdir/config.json), train in a new workdir, or pass '
         '--config.accept_config_change=True to continue with these changes '
         '(recorded in workdir/starts.jsonl).')
-  restart = {k: v for k, v in changes.items() if k not in drift}
+  restart = {k: v for k, v in changes.items() if k not in drift and k not in added}
   parts = []
   if restart:
     parts.append(f'resuming step {step} with new settings: {_listing(restart)}')
+  if added:
+    parts.append('config fields added since this checkpoint was saved, at '
+                 f'their defaults: {", ".join(f"{k}={v[1]!r}" for k, v in added.items())}')
   if drift:
     parts.append(f'ACCEPTED config changes (accept_config_change=True, recorded '
                  f'in starts.jsonl): {_listing(drift)}')

@@ -200,6 +200,10 @@ class ByteTokenizer:
     ids = np.asarray(ids)
     return ids[ids < 256].astype(np.uint8).tobytes()
 
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes one token stands for (b'' for EOS and PAD)."""
+    return bytes([token_id]) if token_id < 256 else b''
+
 
 class SentencePieceTokenizer:
   """A SentencePiece model (local or gs:// path); specials added if absent."""
@@ -232,6 +236,20 @@ class SentencePieceTokenizer:
     n = self._sp.get_piece_size()
     return self._sp.decode([int(i) for i in ids
                             if i < n and i not in (self.eos_id, self.pad_id)])
+
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes one token stands for in its document: its piece with '▁'
+    as a space, a byte-fallback piece as its byte, U+FFFD for the unknown
+    id, b'' for control ids."""
+    sp = self._sp
+    if token_id >= sp.get_piece_size() or sp.is_control(token_id):
+      return b''
+    if sp.is_unknown(token_id):
+      return '\ufffd'.encode('utf-8')
+    piece = sp.id_to_piece(token_id)
+    if sp.is_byte(token_id):          # '<0x0A>'
+      return bytes([int(piece[1:-1], 16)])
+    return piece.replace('\u2581', ' ').encode('utf-8')
 
 
 Tokenizer = ByteTokenizer | SentencePieceTokenizer
@@ -553,24 +571,34 @@ class EvalBatch(NamedTuple):
   tokens: np.ndarray    # int32 [batch_size, seq_len + 1]: this process's rows
   weights: np.ndarray   # float32 [global batch]: 1 for a row of the set, 0 for padding
   documents: np.ndarray  # int32 [global batch, seq_len]: each target's document
+  positions: np.ndarray  # int64 [global batch, seq_len]: each target's index in `stream`
 
 
 class EvalSet(Iterable[EvalBatch]):
   """A fixed set of evaluation rows, re-iterable: every pass yields the same
   batches. Attributes: `rows`, `tokens` (targets evaluated), `documents`
   (documents with at least one target), `num_documents` (of the sampled
-  stream: the size of per-document arrays), `whole_split` (bool)."""
+  stream: the size of per-document arrays), `whole_split` (bool), and the
+  token `stream` the rows were cut from with each document's first index in
+  it, `starts` (plus the end): target j of a row is stream[positions[j]]."""
 
-  def __init__(self, rows: np.ndarray, row_docs: np.ndarray, num_documents: int,
-               whole_split: bool, batch_size: int, shard_index: int,
-               shard_count: int):
-    self._rows, self._row_docs = rows, row_docs   # [R, L] tokens, [R, L-1] docs
+  def __init__(self, stream: np.ndarray, starts: np.ndarray,
+               row_index: np.ndarray, length: int, whole_split: bool,
+               batch_size: int, shard_index: int, shard_count: int):
+    self.stream, self.starts = stream, starts
+    # [R, L-1]: the stream index of each row's targets (position j + 1).
+    self._positions = (row_index[:, None] * length + 1
+                       + np.arange(length - 1)[None, :])
+    self._rows = stream[self._positions[:, :1] - 1 + np.arange(length)]  # [R, L]
+    # The document of each target token.
+    self._row_docs = (np.searchsorted(starts, self._positions, side='right')
+                      - 1).astype(np.int32)
     self._batch_size, self._shard_index = batch_size, shard_index
     self._global = batch_size * shard_count
-    self.rows = len(rows)
-    self.tokens = int(rows.shape[0] * (rows.shape[1] - 1))
-    self.documents = int(len(np.unique(row_docs)))
-    self.num_documents = num_documents
+    self.rows = len(row_index)
+    self.tokens = int(self._positions.size)
+    self.documents = int(len(np.unique(self._row_docs)))
+    self.num_documents = len(starts) - 1
     self.whole_split = whole_split
 
   def __len__(self) -> int:
@@ -584,7 +612,7 @@ class EvalSet(Iterable[EvalBatch]):
       weights = (idx < self.rows).astype(np.float32)
       idx %= self.rows
       yield EvalBatch(self._rows[idx[lo:lo + self._batch_size]].astype(np.int32),
-                      weights, self._row_docs[idx])
+                      weights, self._row_docs[idx], self._positions[idx])
 
 
 def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
@@ -608,7 +636,6 @@ def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
   covers_split = max_batches is None or row_shuffle(cfg, split) == 'global'
   if covers_split:
     stream, starts = _split_tokens(cfg, split)
-    num_documents = len(starts) - 1
   else:   # too large to hold: a fixed random sample of whole documents,
     # enough for the batches asked for (every document has >= 1 token).
     source = _source(cfg, split)
@@ -620,7 +647,6 @@ def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
       if need <= 0:
         break
     stream, starts = _concat(cfg, docs)
-    num_documents = len(docs)
   num_rows = len(stream) // length
   if num_rows < per_global:
     raise ValueError(
@@ -628,16 +654,12 @@ def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
         f'seq_len+1={length} tokens, fewer than one global eval batch '
         f'({batch_size} x {shard_count} processes): use a smaller eval batch '
         'or seq_len.')
-  rows = stream[:num_rows * length].reshape(num_rows, length)
-  # The document of each target token (position j + 1 of its row).
-  docs = np.searchsorted(starts, np.arange(num_rows * length), side='right') - 1
-  row_docs = docs.reshape(num_rows, length)[:, 1:].astype(np.int32)
+  row_index = np.arange(num_rows)
   sampled = max_batches is not None and max_batches * per_global < num_rows
   if sampled:
-    pick = np.linspace(0, num_rows, max_batches * per_global, endpoint=False)
-    pick = pick.astype(np.int64)
-    rows, row_docs = rows[pick], row_docs[pick]
-  return EvalSet(rows, row_docs, num_documents, covers_split and not sampled,
+    row_index = np.linspace(0, num_rows, max_batches * per_global,
+                            endpoint=False).astype(np.int64)
+  return EvalSet(stream, starts, row_index, length, covers_split and not sampled,
                  batch_size, shard_index, shard_count)
 
 

@@ -15,17 +15,25 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import NamedTuple
 
 import jax
 
 from moe import data, run_config, run_dir, sharding
 from moe import metrics as metrics_lib
 from moe.checkpoint import Checkpointer, CheckpointError
-from moe.train_lib import evaluate, make_optimizer, setup
+from moe.train_lib import Setup, TrainState, evaluate, make_optimizer, setup
 
 
-def run_eval(config, workdir: str) -> dict:
-  """Restores `workdir`'s checkpoint, evaluates, writes workdir/eval.json."""
+class Restored(NamedTuple):
+  run: run_config.Run
+  setup: Setup
+  checkpoint_steps: list[int]       # every step saved in the run
+
+
+def prepare(config, workdir: str) -> Restored:
+  """Validates `config` for this machine and builds its steps on the current
+  mesh, before anything is restored (bad input fails here, cheaply)."""
   run = run_config.validate(config, jax.device_count())
   data.check_source(run.data)
   run_dir.check_filesystem(workdir, 'workdir')
@@ -35,16 +43,38 @@ def run_eval(config, workdir: str) -> dict:
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
     steps = ckpt.all_steps()
-    step = config.eval.checkpoint_step
-    if step < 0 and steps:
-      step = steps[-1]
-    if step not in steps:
-      raise CheckpointError(
-          f'no checkpoint at step {step} in {workdir}/checkpoints; available '
-          f'steps: {steps or "none (train first)"}.')
-    state, _ = ckpt.restore(step, s.abstract_state, s.state_shardings)
   finally:
     ckpt.close()
+  return Restored(run, s, steps)
+
+
+def checkpoint_step(r: Restored, step: int, workdir: str) -> int:
+  """`step`, or the latest for step < 0; refuses a step that was not saved."""
+  if step < 0 and r.checkpoint_steps:
+    step = r.checkpoint_steps[-1]
+  if step not in r.checkpoint_steps:
+    raise CheckpointError(
+        f'no checkpoint at step {step} in {workdir}/checkpoints; available '
+        f'steps: {r.checkpoint_steps or "none (train first)"}.')
+  return step
+
+
+def restore(r: Restored, step: int, workdir: str) -> TrainState:
+  """The train state saved at `step` (checked with `checkpoint_step`),
+  laid out for the current mesh."""
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  try:
+    state, _ = ckpt.restore(step, r.setup.abstract_state, r.setup.state_shardings)
+  finally:
+    ckpt.close()
+  return state
+
+
+def run_eval(config, workdir: str) -> dict:
+  """Restores `workdir`'s checkpoint, evaluates, writes workdir/eval.json."""
+  r = prepare(config, workdir)
+  step = checkpoint_step(r, config.eval.checkpoint_step, workdir)
+  state, run, s = restore(r, step, workdir), r.run, r.setup
 
   local_batch = config.batch_size // jax.process_count()
   # The set of the training run's final evaluation (final_eval_batches;

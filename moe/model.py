@@ -32,11 +32,12 @@ class Block(nnx.Module):
     self.ffn = (MoeFeedForward(cfg, kf) if cfg.is_moe_layer(index)
                 else Mlp(cfg.d_model, cfg.mlp_dim, cfg.dtype, kf))
 
-  def __call__(self, x, *, train: bool, rng, capacity_factor=None):
+  def __call__(self, x, *, train: bool, rng, capacity_factor=None, routes=False):
     x = x + self.attn(self.attn_norm(x))
     h = self.ffn_norm(x)
     if isinstance(self.ffn, MoeFeedForward):
-      y, stats = self.ffn(h, train=train, rng=rng, capacity_factor=capacity_factor)
+      y, stats = self.ffn(h, train=train, rng=rng, capacity_factor=capacity_factor,
+                          routes=routes)
     else:
       y, stats = self.ffn(h), None
     return sharding.constrain(x + y, ('batch', 'length', 'act_embed')), stats
@@ -55,23 +56,24 @@ class Transformer(nnx.Module):
                                   ('embed', 'vocab'))
 
   def __call__(self, tokens, *, train: bool = False, rng: jax.Array | None = None,
-               capacity_factor: float | str | None = None):
+               capacity_factor: float | str | None = None, routes: bool = False):
     """tokens: [B, T] int -> (logits [B, T, V] float32, RouterStats stacked
     over MoE layers, or None for a dense model). `capacity_factor` overrides
-    the configured one ('dropless': no drops)."""
+    the configured one ('dropless': no drops); `routes` adds every token's
+    routing (RouterStats.routes, [L, B, T, K])."""
     dt = jnp.dtype(self.cfg.dtype)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)        # [B, T, D]
     x = sharding.constrain(x, ('batch', 'length', 'act_embed'))
     stats = []
     def run_block(block, x, rng):
+      kw = dict(train=train, capacity_factor=capacity_factor, routes=routes)
       if not self.cfg.remat:
-        return block(x, train=train, rng=rng, capacity_factor=capacity_factor)
+        return block(x, rng=rng, **kw)
       graphdef, state = nnx.split(block)
 
       @jax.checkpoint  # keep only the block's inputs for the backward pass
       def pure(state, x, rng):
-        return nnx.merge(graphdef, state)(x, train=train, rng=rng,
-                                          capacity_factor=capacity_factor)
+        return nnx.merge(graphdef, state)(x, rng=rng, **kw)
       return pure(state, x, rng)
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -94,16 +96,18 @@ class Transformer(nnx.Module):
 
 
 def lm_loss(model: Transformer, tokens, *, train: bool,
-            rng: jax.Array | None = None, capacity_factor=None):
+            rng: jax.Array | None = None, capacity_factor=None, routes=False):
   """Next-token loss. tokens: [B, T+1] -> (total loss, metrics dict).
 
   metrics: `loss` (cross-entropy), `aux_loss`, `z_loss` (means over MoE
-  layers), and `router` (RouterStats stacked over MoE layers) for MoE models;
-  in evaluation (train=False) also `token_loss`, each target's cross-entropy
-  [B, T], for losses over a padded set or per document.
+  layers), and `router` (RouterStats stacked over MoE layers, with every
+  token's routing if `routes`) for MoE models; in evaluation (train=False)
+  also `token_loss`, each target's cross-entropy [B, T], for losses over a
+  padded set or per document.
   """
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  logits, stats = model(inputs, train=train, rng=rng, capacity_factor=capacity_factor)
+  logits, stats = model(inputs, train=train, rng=rng,
+                        capacity_factor=capacity_factor, routes=routes)
   logp = jax.nn.log_softmax(logits, axis=-1)
   token_ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
   ce = jnp.mean(token_ce)

@@ -43,7 +43,7 @@ def to_groups(x, seqs_per_group: int):
 
 
 def from_groups(x, seqs_per_group: int, t: int):
-  """Inverse of `to_groups`."""
+  """Inverse of `to_groups` (any trailing width: D, or K choices)."""
   g, s, d = x.shape
   x = x.reshape(g, t, seqs_per_group, d).transpose(0, 2, 1, 3)
   return x.reshape(g * seqs_per_group, t, d)
@@ -70,9 +70,10 @@ class MoeFeedForward(nnx.Module):
     return dispatch.ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
 
   def __call__(self, x, *, train: bool, rng: jax.Array | None = None,
-               capacity_factor: float | str | None = None):
+               capacity_factor: float | str | None = None, routes: bool = False):
     """x: [B, T, D] -> ([B, T, D], RouterStats). `capacity_factor` overrides
-    the configured train/eval factor ('dropless': no token is dropped)."""
+    the configured train/eval factor ('dropless': no token is dropped);
+    `routes` adds each token's routing to the stats (TokenRoutes)."""
     b, t, _ = x.shape
     spg = self.cfg.seqs_per_group(b, t)
     xg = sharding.constrain(to_groups(x, spg), ('group', 'length', 'act_embed'))
@@ -82,6 +83,9 @@ class MoeFeedForward(nnx.Module):
     r, stats = routing.route(logits, self.cfg,
                              self.cfg.capacity(xg.shape[1], train, capacity_factor),
                              bias)
+    if routes:
+      stats = stats._replace(routes=routing.TokenRoutes(
+          *(from_groups(a, spg, t) for a in (r.expert_index, r.kept, r.gate))))
     yg = dispatch.DISPATCHES[self.cfg.dispatch](xg, r, self.expert_weights(), self.dtype)
     y = from_groups(sharding.constrain(yg, ('group', 'length', 'act_embed')), spg, t)
     if self.shared is not None:

@@ -276,6 +276,27 @@ def comparison(by_seed: dict) -> tuple[list[str], list[str]]:
   return lines, sentences
 
 
+def _routes_section(workdir: str, seed: int) -> list[str]:
+  """What the MoE's experts took (scripts/routes.py's analysis of its final
+  checkpoint, written by compare.py), if it is there."""
+  rel = f'seed_{seed}/moe/routes'
+  found = epath.Path(workdir) / rel / 'routes.json'
+  if not found.exists():
+    return []
+  r = json.loads(found.read_text())
+  nmi = ', '.join(f"{l['nmi']:.3f}" for l in r['layers'])
+  token_nmi = ', '.join(f"{l['token_nmi']:.3f}" for l in r['layers'])
+  return [
+      '## What the experts learned', '',
+      f"The MoE's routing at step {r['step']} over {r['tokens']:,} validation "
+      f"tokens ([routes.md]({rel}/routes.md)). Normalized mutual information "
+      f'between top-1 expert and the token\'s {r["categories_labeller"]} '
+      f'category, per MoE layer: {nmi}; between expert and the token itself: '
+      f'{token_nmi} (1: it decides the expert, 0: independent).', '',
+      f'![category x expert]({rel}/heatmap.png)', '',
+      f'![validation text coloured by expert]({rel}/code.png)', '']
+
+
 def write_report(workdir: str) -> str:
   """Writes workdir/report.md and the PNG plots; returns the report's path."""
   found = seeds(workdir)
@@ -320,7 +341,8 @@ def write_report(workdir: str) -> str:
       '## Validation loss', '', f'![loss curves]({PLOTS[0]})', '',
       '## Throughput', '', f'![throughput]({PLOTS[1]})', '',
       '## Expert load over training', '', f'![expert load]({PLOTS[2]})', '',
-      '## Router', '', f'![router]({PLOTS[3]})', '']
+      '## Router', '', f'![router]({PLOTS[3]})', '',
+      *_routes_section(workdir, found[0])]
   path = os.path.join(workdir, 'report.md')
   epath.Path(path).write_text('\n'.join(lines))
   return path

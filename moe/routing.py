@@ -22,8 +22,13 @@ token's routing depends on later tokens.
 
 Losses (DESIGN.md section 4):
   aux = (E / k) * sum_e f_e * P_e, f_e = fraction of tokens whose top-k
-        includes e (before capacity drops), P_e = mean router prob of e; mean
-        over groups. Exactly 1.0 at uniform routing for any k, E at collapse.
+        includes e (before capacity drops), P_e = mean router prob of e.
+        moe.balance_scope='group': f_e, P_e per routing group, then the mean
+        over groups; 'batch': f_e, P_e over every token of the (global) batch
+        (Qiu et al. 2025, "Demons in the Detail"), so a group may lean on a
+        few experts as long as the batch as a whole is balanced. With one
+        group the two are equal. Exactly 1.0 at uniform routing for any k, E
+        at collapse.
   z   = mean over tokens of logsumexp(logits)^2 (ST-MoE).
 """
 
@@ -46,6 +51,14 @@ class Routing(NamedTuple):
   capacity: int            # C, buffer slots per expert per group
 
 
+class TokenRoutes(NamedTuple):
+  """Each token's routing, token-major (the routes analysis, moe.routes).
+  K choices per token; experts-choose: K = E, choice e is expert e."""
+  expert_index: jax.Array  # [B, T, K] int32
+  kept: jax.Array          # [B, T, K] bool
+  gate: jax.Array          # [B, T, K] float32, 0 where dropped
+
+
 class RouterStats(NamedTuple):
   """Per-layer router losses and metrics (scalars unless noted)."""
   aux_loss: jax.Array
@@ -53,6 +66,7 @@ class RouterStats(NamedTuple):
   expert_load: jax.Array       # [E] fraction of routed choices per expert
   dropped_fraction: jax.Array  # fraction of routed choices that were dropped
   router_entropy: jax.Array    # mean over tokens of -sum_e p log p
+  routes: TokenRoutes | None = None  # only when the caller asks (routes=True)
 
 
 def router_logits(x, w_router, *, cfg: MoeConfig, train: bool,
@@ -113,12 +127,17 @@ def _z_loss(logits):
   return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
 
 
-def aux_loss(probs, expert_index, num_experts):
-  """Unit-normalized load-balancing loss; probs [G,S,E], expert_index [G,S,K]."""
+def aux_loss(probs, expert_index, num_experts, scope: str = 'group'):
+  """Unit-normalized load-balancing loss; probs [G,S,E], expert_index [G,S,K].
+
+  scope 'group': f and P per group, mean over groups; 'batch': f and P over
+  all G*S tokens (under a mesh the means reduce across the data and expert
+  shards before the product)."""
   k = expert_index.shape[-1]
   chosen = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32).sum(2)  # [G,S,E]
-  f = chosen.mean(axis=1)                  # [G, E] fraction of tokens choosing e
-  p = probs.mean(axis=1)                   # [G, E]
+  axes = (1,) if scope == 'group' else (0, 1)
+  f = chosen.mean(axis=axes)               # [G, E] or [E]: fraction choosing e
+  p = probs.mean(axis=axes)                # [G, E] or [E]
   return jnp.mean((num_experts / k) * jnp.sum(f * p, axis=-1))
 
 
@@ -138,7 +157,7 @@ def tokens_choose(logits, cfg: MoeConfig, capacity: int,
   routing = Routing(expert_index.astype(jnp.int32), slot, kept,
                     jnp.where(kept, gate, 0.0), capacity)
   stats = RouterStats(
-      aux_loss=aux_loss(probs, expert_index, e),
+      aux_loss=aux_loss(probs, expert_index, e, cfg.balance_scope),
       z_loss=_z_loss(logits),
       expert_load=counts.sum(0) / counts.sum(),
       dropped_fraction=jnp.mean(~kept, dtype=jnp.float32),  # exactly 0 without drops

@@ -46,7 +46,7 @@ class Setup(NamedTuple):
   batch_sharding: NamedSharding
   init: Callable[[jax.Array], TrainState]         # key -> sharded TrainState
   train_step: Callable                            # (state, tokens) -> (state, metrics)
-  eval_step: Callable                             # (state, tokens, cf=None) -> metrics
+  eval_step: Callable                             # (state, tokens, cf=None, routes=False) -> metrics
   loss_and_grads: Callable                        # (state, tokens) -> (loss, metrics, grads)
 
 
@@ -119,9 +119,9 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
                    update_skipped=jnp.logical_not(finite))
     return state._replace(step=state.step + 1), metrics
 
-  def eval_step(state: TrainState, tokens, capacity_factor=None):
+  def eval_step(state: TrainState, tokens, capacity_factor=None, routes=False):
     _, metrics = lm_loss(_merge(graphdef, state), tokens, train=False,
-                         capacity_factor=capacity_factor)
+                         capacity_factor=capacity_factor, routes=routes)
     return metrics
 
   with jax.set_mesh(mesh):
@@ -129,7 +129,7 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
     jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=replicated, static_argnums=2)
+                       out_shardings=replicated, static_argnums=(2, 3))
     jit_grads = jax.jit(loss_and_grads, in_shardings=(state_shardings, batch_sharding),
                         out_shardings=(replicated, replicated, state_shardings.params))
 

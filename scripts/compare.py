@@ -9,8 +9,9 @@ order, optimizer and token budget), for seeds 0..N-1 (the seed sets init,
 router noise and data order; arms share it seed by seed), in
 workdir/seed_{i}/{moe,dense_total,dense_active}, then writes
 workdir/report.md and its plots: final validation losses with 95% intervals
-(over seeds; with one seed, a bootstrap over validation documents) and one
-sentence per twin. Re-running resumes unfinished runs and skips finished
+(over seeds; with one seed, a bootstrap over validation documents), one
+sentence per twin, and what seed 0's experts took (scripts/routes.py's
+analysis of its final checkpoint, in seed_0/moe/routes/). Re-running resumes unfinished runs and skips finished
 ones; --report_only rebuilds the report from the runs' files.
 """
 
@@ -39,7 +40,7 @@ def main(argv):
   del argv
   from moe.run_config import quiet_logs
   quiet_logs()
-  from moe import report, run_config, train_lib
+  from moe import report, routes_report, run_config, train_lib
   if not _REPORT_ONLY.value:
     runs = {}
     for seed in range(_SEEDS.value):
@@ -48,6 +49,9 @@ def main(argv):
       for name, c in run_config.dense_twins(config).items():
         runs[os.path.join(_WORKDIR.value, f'seed_{seed}', name)] = c
     train_lib.train_unfinished(runs, command=shlex.join(sys.argv))
+    moe_dir = os.path.join(_WORKDIR.value, 'seed_0', 'moe')
+    if not routes_report.is_current(moe_dir, runs[moe_dir].num_steps):
+      routes_report.run(runs[moe_dir], moe_dir, stability=False)
   print('report:', report.write_report(_WORKDIR.value))
 
 

@@ -153,6 +153,21 @@ def test_config_drift_differences():
   assert 'ACCEPTED config changes' in notice and 'seed: 0 -> 5' in notice
 
 
+def test_a_field_added_since_the_checkpoint_passes_at_its_default():
+  # A checkpoint written before moe.balance_scope existed resumes under
+  # code that has it: at its default ('group', the old behaviour) that is
+  # no change; set to 'batch' it is one. (Mutation: treating an absent key
+  # like any other difference refuses the first resume.)
+  saved = {'seed': 0, 'moe': {'top_k': 1}}
+  same = {'seed': 0, 'moe': {'top_k': 1, 'balance_scope': 'group'}}
+  _, notice = config_drift.check(saved, same, step=3, accept=False)
+  assert notice == ('config fields added since this checkpoint was saved, at '
+                    "their defaults: moe.balance_scope='group'")
+  other = {'seed': 0, 'moe': {'top_k': 1, 'balance_scope': 'batch'}}
+  with pytest.raises(ConfigError, match=r"moe.balance_scope: None -> 'batch'"):
+    config_drift.check(saved, other, step=3, accept=False)
+
+
 def test_resume_refuses_drift_unless_accepted_and_records_every_start(
     data_dir, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / 'run')

@@ -64,6 +64,14 @@ def test_report_and_every_plot_are_written(compared):
   for label in report.LABELS.values():
     assert label in text
   assert 'report: ' in proc.stdout
+  # What seed 0's experts took: the routes analysis of its final checkpoint.
+  routes = os.path.join(workdir, 'seed_0', 'moe', 'routes')
+  with open(os.path.join(routes, 'routes.json')) as f:
+    assert json.load(f)['step'] == TINY['num_steps']
+  for picture in ('heatmap.png', 'code.png'):
+    assert os.path.getsize(os.path.join(routes, picture)) > 10_000
+    assert f'(seed_0/moe/routes/{picture})' in text
+  assert '## What the experts learned' in text
 
 
 def test_three_runs_saw_identical_batches(compared):
@@ -159,10 +167,13 @@ def test_table_parameter_counts_match_the_built_models(compared):
 def test_rerun_skips_finished_runs_and_redraws(compared):
   workdir, data_dir, _ = compared
   os.remove(os.path.join(workdir, 'report.md'))
+  routes_json = os.path.join(workdir, 'seed_0', 'moe', 'routes', 'routes.json')
+  analysed_at = os.path.getmtime(routes_json)
   proc = _run(workdir, data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(re.findall(r'finished \(4 steps\), skipping', proc.stdout)) == 6
   assert os.path.exists(os.path.join(workdir, 'report.md'))          # redrawn
+  assert os.path.getmtime(routes_json) == analysed_at   # not analysed again
   # Nothing was trained again: each run logged every step once.
   for name in report.RUNS:
     steps = [l['step'] for l in read_jsonl(os.path.join(workdir, 'seed_0', name))

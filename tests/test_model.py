@@ -225,7 +225,7 @@ def test_bfloat16_model_runs_with_float32_router_and_logits():
   tok = _tokens(7)
   (l32, s32), (l16, s16) = _apply(m32, tok), _apply(m16, tok)
   assert l16.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(l16)))
-  assert all(a.dtype == jnp.float32 for a in s16)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(s16))
   assert np.abs(np.asarray(l16 - l32)).max() < 0.1 * np.abs(np.asarray(l32)).max()
   np.testing.assert_allclose(s16.aux_loss, s32.aux_loss, rtol=0.05)
 

@@ -355,7 +355,7 @@ def test_bfloat16_compute_with_float32_router(path):
   y32, s32 = _apply(l32, x.astype(jnp.float32), train=True)
   assert y16.dtype == jnp.bfloat16
   assert l16.w_gate[...].dtype == jnp.float32        # params stay float32
-  for a, b in zip(s16, s32):                         # router stats: float32, identical
+  for a, b in zip(jax.tree.leaves(s16), jax.tree.leaves(s32)):  # float32, identical
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   err = np.abs(np.asarray(y16, np.float32) - np.asarray(y32))

@@ -33,7 +33,7 @@ def _tokens_choose(logits, bias=None, *, cfg, capacity):
 _experts_choose = jax.jit(routing.experts_choose, static_argnums=(1, 2))
 _route = jax.jit(routing.route, static_argnums=(1, 2))
 _router_logits = jax.jit(routing.router_logits, static_argnames=('cfg', 'train'))
-_aux_loss = jax.jit(routing.aux_loss, static_argnums=2)
+_aux_loss = jax.jit(routing.aux_loss, static_argnums=(2, 3))
 
 
 def _softmax(logits):
@@ -171,6 +171,37 @@ def test_aux_loss_hand_computation_and_from_tokens_choose():
     per_group.append(e / k * sum(fi * pi for fi, pi in zip(f, p)))
   np.testing.assert_allclose(stats.aux_loss, np.mean(per_group), rtol=1e-5)
   assert 1.0 < float(stats.aux_loss) < e                  # non-uniform random routing
+
+
+def test_aux_loss_over_the_batch_by_hand():
+  g, s, e, k = 3, 13, 5, 2
+  logits = _logits(6, g, s, e)
+  _, stats = _tokens_choose(logits, cfg=_cfg(e, k, balance_scope='batch'), capacity=2)
+  probs = _softmax(logits).reshape(g * s, e)
+  idx = np.argsort(-probs, -1, kind='stable')[..., :k]
+  f = [sum(x in idx[t] for t in range(g * s)) / (g * s) for x in range(e)]
+  p = [probs[:, x].mean() for x in range(e)]
+  np.testing.assert_allclose(stats.aux_loss, e / k * sum(fi * pi for fi, pi in zip(f, p)),
+                             rtol=1e-5)
+
+
+def test_batch_scope_forgives_groups_that_lean_on_experts():
+  # Group 0 sends every token to expert 0, group 1 to expert 1: each group
+  # has collapsed (aux = E per group), the batch is perfectly balanced (1.0).
+  # (Mutation: 'batch' computed per group gives 2.0, not 1.0.)
+  probs = jnp.stack([jnp.tile(jnp.array([1.0, 0.0]), (6, 1)),
+                     jnp.tile(jnp.array([0.0, 1.0]), (6, 1))])      # [2, 6, 2]
+  idx = jnp.argmax(probs, -1)[..., None]
+  np.testing.assert_allclose(_aux_loss(probs, idx, 2, 'group'), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(_aux_loss(probs, idx, 2, 'batch'), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_batch_scope_equals_group_scope_on_one_group(k):
+  logits = _logits(7, 1, 32, 6)
+  _, group = _tokens_choose(logits, cfg=_cfg(6, k), capacity=8)
+  _, batch = _tokens_choose(logits, cfg=_cfg(6, k, balance_scope='batch'), capacity=8)
+  np.testing.assert_allclose(batch.aux_loss, group.aux_loss, rtol=1e-6)
 
 
 def test_z_loss_and_entropy_by_hand():

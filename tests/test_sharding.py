@@ -24,10 +24,10 @@ def _to_np(tree):
 
 
 @functools.cache
-def _grads(mesh_shape, dispatch):
+def _grads(mesh_shape, dispatch, balance_scope='group'):
   """(loss, grads, compiled HLO text, Setup, state) of one train step."""
   devices = jax.devices()[:int(np.prod(mesh_shape))]
-  s, state = sharded_setup.build(mesh_shape, dispatch, devices)
+  s, state = sharded_setup.build(mesh_shape, dispatch, devices, balance_scope)
   tokens = jax.device_put(sharded_setup.batches(1)[0], s.batch_sharding)
   compiled = s.loss_and_grads.lower(state, tokens).compile()   # once: run and read
   loss, metrics, grads = compiled(state, tokens)
@@ -45,6 +45,18 @@ def test_mesh_equals_single_device(mesh_shape, dispatch):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads, ref_grads)
+
+
+def test_batch_balance_scope_on_a_mesh_equals_single_device():
+  """The batch-wide f_e and P_e reduce across data and expert shards: the
+  sharded loss and gradients equal one device's, and differ from the
+  per-group loss (16 groups of 8 tokens here)."""
+  loss, grads, *_ = _grads((2, 4, 1), 'gather', 'batch')
+  ref_loss, ref_grads, *_ = _grads((1, 1, 1), 'gather', 'batch')
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, ref_grads)
+  assert abs(loss - _grads((1, 1, 1), 'gather')[0]) > 1e-4
 
 
 def test_capacity_paths_agree_on_one_device():

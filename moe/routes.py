@@ -1,0 +1,271 @@
+"""What the experts learned: every evaluated token's routing, by category.
+
+`collect` runs a checkpoint over the evaluation set (the one eval.py and the
+training run's final evaluation use) and keeps, for every MoE layer and every
+routed token, its chosen experts (best first), their gates and whether each
+was kept. The routed token at input position j is the one the model reads
+there (its next-token loss is the loss at target j + 1); its category is the
+labeller's category (moe.token_categories) of its bytes: of its first
+non-whitespace byte, for tokens of several bytes; tokens that stand for no
+bytes (EOS) are 'end of text'.
+
+`analyse` turns that into numbers (JSON-able):
+  * per layer: normalized mutual information between category and top-1
+    expert, NMI = I(C; E) / ((H(C) + H(E)) / 2), 1 when one decides the
+    other, ~0 when independent (and the same between the token itself and
+    its expert, `token_nmi`); per-expert load over the whole set
+    (fraction of choices, not per step) and dead experts; the category x
+    expert count matrix; the dropped fraction per category; per expert its
+    most frequent tokens (with the share of each token's occurrences it
+    took) and its most frequent 8-byte contexts (the bytes ending with the
+    token's last byte).
+  * per category: its share of tokens and the model's mean next-token loss.
+  * across depth: for adjacent MoE layers, NMI between their top-1 experts
+    and how often the next layer's expert is the one most often paired with
+    this layer's (against always guessing its most loaded expert).
+`stability` compares two checkpoints of one run: per layer, the fraction of
+tokens whose top-1 expert is unchanged (StableMoE, Dai et al. 2022).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from moe import data
+from moe import token_categories as tc
+from moe.train_lib import Setup, TrainState
+
+CONTEXT_BYTES = 8
+
+
+class Routes(NamedTuple):
+  """The routing of every token of an eval set (padding rows left out)."""
+  position: np.ndarray    # int64 [N]: the routed token's index in the set's stream
+  expert: np.ndarray      # int32 [L, N, K]: choices, best gate first; -1: none
+  kept: np.ndarray        # bool [L, N, K]: the choice reached its expert
+  gate: np.ndarray        # float32 [L, N, K]
+  token_loss: np.ndarray  # float32 [N]: the loss of predicting the next token
+
+
+def collect(s: Setup, state: TrainState, eval_set: data.EvalSet,
+            router: str) -> Routes:
+  """Runs `eval_set` once with routes=True (see the module doc); `router`
+  is the model's moe.router."""
+  parts = []
+  for batch in eval_set:
+    tokens = data.global_batch(batch.tokens, s.batch_sharding)
+    m = jax.device_get(s.eval_step(state, tokens, None, True))
+    r, rows = m['router'].routes, batch.weights > 0      # [L, B, T, K], [B]
+    l, k = r.expert_index.shape[0], r.expert_index.shape[-1]
+    parts.append(Routes(
+        (batch.positions[rows] - 1).ravel(),
+        r.expert_index[:, rows].reshape(l, -1, k),
+        r.kept[:, rows].reshape(l, -1, k),
+        r.gate[:, rows].reshape(l, -1, k),
+        m['token_loss'][rows].ravel()))
+  routes = Routes(*(np.concatenate(a, axis=-1 if i == 0 or i == 4 else 1)
+                    for i, a in enumerate(zip(*parts))))
+  return routes if router == 'tokens_choose' else _best_first(routes)
+
+
+def _best_first(r: Routes) -> Routes:
+  """Experts-choose lists all E experts per token, most of which did not
+  take it: order them by gate, the ones that took it first, the others -1.
+  (Tokens-choose already lists its top-k best first, kept or not.)"""
+  score = np.where(r.kept, r.gate, -1.0)
+  order = np.argsort(-score, axis=-1, kind='stable')
+  take = lambda a: np.take_along_axis(a, order, axis=-1)
+  kept = take(r.kept)
+  return r._replace(expert=np.where(kept, take(r.expert), -1), kept=kept,
+                    gate=take(r.gate))
+
+
+# --- Token categories --------------------------------------------------------
+
+class Labels(NamedTuple):
+  """Category and bytes of every token of an eval set's stream."""
+  names: tuple[str, ...]   # category names; the last is 'end of text'
+  category: np.ndarray     # int16 [len(stream)]
+  text: bytes              # every document's bytes, one after another
+  end: np.ndarray          # int64 [len(stream)]: each token's end in `text`
+  length: np.ndarray       # int64 [len(stream)]: bytes of each token
+
+
+def label(eval_set: data.EvalSet, tokenizer, labeller) -> Labels:
+  """Runs `labeller` on each document's bytes and gives every token the
+  category of its first non-whitespace byte (module doc)."""
+  stream, starts = eval_set.stream, eval_set.starts
+  table = {}
+  names = tuple(labeller.CATEGORIES) + (tc.END_OF_TEXT,)
+  eot = len(names) - 1
+  category = np.full(len(stream), eot, np.int16)
+  lengths = np.zeros(len(stream), np.int64)
+  texts = []
+  for d in range(len(starts) - 1):
+    toks = stream[starts[d]:starts[d + 1]]
+    pieces = []
+    for t in toks.tolist():
+      if t not in table:
+        table[t] = tokenizer.token_bytes(t)
+      pieces.append(table[t])
+    text = b''.join(pieces)
+    texts.append(text)
+    n = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
+    lengths[starts[d]:starts[d + 1]] = n
+    if not text:
+      continue
+    labels = np.asarray(labeller(text), np.int64)
+    if labels.shape != (len(text),) or labels.min() < 0 or labels.max() >= eot:
+      raise ValueError(f'the labeller gave labels of shape {labels.shape} in '
+                       f'[{labels.min()}, {labels.max()}] for {len(text)} bytes;'
+                       f' it must give one index < {eot} per byte.')
+    begin = np.cumsum(n) - n
+    cat = category[starts[d]:starts[d + 1]]
+    one = n == 1
+    cat[one] = labels[begin[one]]
+    for i in np.flatnonzero(n > 1):   # several bytes: the first non-space one
+      piece = pieces[i]
+      j = len(piece) - len(piece.lstrip())
+      cat[i] = labels[begin[i] + (j if j < len(piece) else 0)]
+  text = b''.join(texts)
+  return Labels(names, category, text, np.cumsum(lengths), lengths)
+
+
+# --- Statistics ----------------------------------------------------------------
+
+def _entropy(counts: np.ndarray) -> float:
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+  """Normalized mutual information of two label arrays (arithmetic mean of
+  the entropies), 0 where both are constant."""
+  _, ai = np.unique(a, return_inverse=True)
+  _, bi = np.unique(b, return_inverse=True)
+  joint = np.zeros((ai.max() + 1, bi.max() + 1))
+  np.add.at(joint, (ai, bi), 1)
+  ha, hb = _entropy(joint.sum(1)), _entropy(joint.sum(0))
+  mutual = ha + hb - _entropy(joint.ravel())
+  return 0.0 if ha + hb == 0 else float(max(mutual, 0.0) / ((ha + hb) / 2))
+
+
+def _shown(token: bytes) -> str:
+  """A token's bytes, readable in a table: spaces as '␣', escapes for the rest."""
+  text = token.decode('utf-8', 'backslashreplace')
+  return (text.replace('\\', '\\\\').replace('\n', '\\n').replace('\t', '\\t')
+          .replace(' ', '\u2423').replace('|', '\\|') or '(none)')
+
+
+def _context_keys(labels: Labels, positions: np.ndarray) -> np.ndarray:
+  """The CONTEXT_BYTES bytes ending with each token's last byte (earlier
+  documents' bytes included), as uint64 keys."""
+  raw = np.frombuffer(labels.text, np.uint8)
+  raw = np.concatenate([np.zeros(CONTEXT_BYTES, np.uint8), raw])
+  end = labels.end[positions] + CONTEXT_BYTES
+  key = np.zeros(len(positions), np.uint64)
+  for i in range(CONTEXT_BYTES):
+    key = (key << np.uint64(8)) | raw[end - CONTEXT_BYTES + i].astype(np.uint64)
+  return key
+
+
+def _key_bytes(key: int) -> bytes:
+  return int(key).to_bytes(CONTEXT_BYTES, 'big').lstrip(b'\0')
+
+
+def analyse(routes: Routes, labels: Labels, stream: np.ndarray, tokenizer,
+            num_experts: int, router: str, top: int = 8) -> dict:
+  """The statistics of the module doc, JSON-able. Dropped: a tokens-choose
+  choice whose expert was full; an experts-choose token no expert took."""
+  e = num_experts
+  names = labels.names
+  cat = labels.category[routes.position].astype(np.int64)           # [N]
+  tok = stream[routes.position].astype(np.int64)                     # [N]
+  contexts = _context_keys(labels, routes.position)
+  num_cat = len(names)
+  cat_tokens = np.bincount(cat, minlength=num_cat)
+  loss_sum = np.bincount(cat, routes.token_loss.astype(np.float64), num_cat)
+  result = {
+      'tokens': int(len(cat)),
+      'categories': list(names),
+      'category_share': (cat_tokens / len(cat)).tolist(),
+      'category_loss': [float(s / n) if n else None
+                        for s, n in zip(loss_sum, cat_tokens)],
+      'layers': [],
+  }
+  top1 = routes.expert[:, :, 0]                                        # [L, N]
+  all_counts = np.bincount(tok)
+  for l in range(top1.shape[0]):
+    first = top1[l]
+    routed = first >= 0
+    counts = np.zeros((num_cat, e), np.int64)
+    np.add.at(counts, (cat[routed], first[routed]), 1)
+    choices = routes.expert[l][routes.expert[l] >= 0]
+    load = np.bincount(choices, minlength=e) / max(len(choices), 1)
+    if router == 'tokens_choose':
+      dropped = ~routes.kept[l]                    # [N, K] per choice
+    else:
+      dropped = ~routes.kept[l].any(-1)            # [N] nobody took it
+    dropped_by_cat = dropped.reshape(len(cat), -1).mean(-1)
+    drop_sum = np.bincount(cat, dropped_by_cat, num_cat)
+    experts = []
+    for x in range(e):
+      mine = first == x
+      tok_counts = np.bincount(tok[mine], minlength=len(all_counts))
+      best = np.argsort(-tok_counts, kind='stable')[:top]
+      keys, key_counts = np.unique(contexts[mine], return_counts=True)
+      best_ctx = np.argsort(-key_counts, kind='stable')[:top]
+      share = counts[:, x] / max(counts[:, x].sum(), 1)
+      # The category it takes most often relative to the category's share
+      # of all tokens (among categories with >= 20 of its tokens).
+      lift = share / np.maximum(cat_tokens / len(cat), 1e-12) * (counts[:, x] >= 20)
+      experts.append({
+          'expert': x,
+          'load': float(load[x]),
+          'top_category': names[int(np.argmax(lift))] if lift.any() else None,
+          'top_category_lift': float(lift.max()),
+          'category_share': share.tolist(),
+          'tokens': [{'token': _shown(tokenizer.token_bytes(int(t))),
+                      'count': int(tok_counts[t]),
+                      'share_of_token': float(tok_counts[t] / all_counts[t])}
+                     for t in best if tok_counts[t] > 0],
+          'contexts': [{'context': _shown(_key_bytes(keys[i])),
+                        'count': int(key_counts[i])} for i in best_ctx],
+      })
+    result['layers'].append({
+        'layer': l,
+        'nmi': nmi(cat[routed], first[routed]),
+        'token_nmi': nmi(tok[routed], first[routed]),
+        'expert_load': load.tolist(),
+        'dead_experts': int((load == 0).sum()),
+        'dropped_fraction': float(dropped.mean()),
+        'dropped_by_category': [float(s / n) if n else None
+                                for s, n in zip(drop_sum, cat_tokens)],
+        'counts': counts.tolist(),
+        'experts': experts,
+    })
+  result['adjacent_layers'] = [_adjacent(top1[l], top1[l + 1], e)
+                               for l in range(top1.shape[0] - 1)]
+  return result
+
+
+def _adjacent(a: np.ndarray, b: np.ndarray, e: int) -> dict:
+  """How strongly layer l's top-1 expert (a) predicts layer l+1's (b)."""
+  both = (a >= 0) & (b >= 0)
+  joint = np.zeros((e, e), np.int64)
+  np.add.at(joint, (a[both], b[both]), 1)
+  n = max(int(both.sum()), 1)
+  return {'nmi': nmi(a[both], b[both]),
+          'predicted': float(joint.max(1).sum() / n),
+          'baseline': float(joint.sum(0).max() / n)}
+
+
+def stability(a: Routes, b: Routes) -> list[float]:
+  """Per layer, the fraction of tokens with the same top-1 expert in two
+  collections of the same eval set."""
+  if not np.array_equal(a.position, b.position):
+    raise ValueError('stability compares routes of the same eval set.')
+  return [float(x) for x in np.mean(a.expert[:, :, 0] == b.expert[:, :, 0], axis=1)]

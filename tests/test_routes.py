@@ -1,0 +1,168 @@
+"""The routes analysis: token categories, statistics by hand, a model whose
+router follows the category by construction, experts-choose choices.
+(scripts/routes.py end to end: tests/test_train.py, on the recipe's run.)"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from moe import data, routes, sharding, train_lib
+from moe import token_categories as tc
+from moe.config import ConfigError, ModelConfig, MoeConfig
+from moe.model import Transformer
+
+EOS = data.ByteTokenizer.eos_id
+
+
+def _eval_set(docs: list[bytes], seq_len: int, batch: int) -> data.EvalSet:
+  """A whole-set EvalSet over byte-tokenized, EOS-terminated documents."""
+  parts = [np.append(np.frombuffer(d, np.uint8).astype(np.uint16), EOS) for d in docs]
+  starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+  stream = np.concatenate(parts)
+  rows = len(stream) // (seq_len + 1)
+  return data.EvalSet(stream, starts, np.arange(rows), seq_len + 1, True,
+                      batch, 0, 1)
+
+
+def test_python_categories_of_each_kind_of_byte():
+  text = 'if x:\n    y = len("a b")  # c\n\tz = 1.5\n'.encode()
+  got = [tc.PYTHON[i] for i in tc.python(text)]
+  want = (['keyword'] * 2 + ['other whitespace'] + ['identifier']
+          + ['operator/punctuation'] + ['indentation/newline'] * 5
+          + ['identifier', 'other whitespace', 'operator/punctuation',
+             'other whitespace'] + ['builtin name'] * 3
+          + ['operator/punctuation'] + ['string'] * 5 + ['operator/punctuation']
+          + ['other whitespace'] * 2 + ['comment'] * 3 + ['indentation/newline'] * 2
+          + ['identifier', 'other whitespace', 'operator/punctuation',
+             'other whitespace'] + ['number'] * 3 + ['indentation/newline'])
+  assert got == want
+
+
+def test_python_categories_survive_bad_source_and_utf8():
+  # Non-ASCII identifiers keep byte offsets; an unterminated string stops
+  # tokenize, and what came before keeps its labels.
+  text = 'é = 1\ns = """open\n'.encode()
+  got = [tc.PYTHON[i] for i in tc.python(text)]
+  assert got[:3] == ['identifier'] * 2 + ['other whitespace']
+  assert got[5] == 'number' and got[6] == 'indentation/newline'
+  assert got[7] == 'identifier' and len(got) == len(text)
+
+
+def test_byte_classes():
+  got = [tc.BYTE_CLASSES[i] for i in tc.byte_classes('a1.\t\né'.encode())]
+  assert got == ['letter', 'digit', 'punctuation', 'space', 'newline',
+                 'non-ASCII', 'non-ASCII']
+
+
+def test_labeller_spec_errors_name_the_value():
+  assert tc.get('python') is tc.python
+  with pytest.raises(ConfigError, match=r"categories='pyhton' is not valid"):
+    tc.get('pyhton')
+  with pytest.raises(ConfigError, match='cannot import'):
+    tc.get('no_such_module:f')
+  with pytest.raises(ConfigError, match='CATEGORIES attribute'):
+    tc.get('numpy:zeros')
+
+
+def test_statistics_by_hand():
+  # Two documents; every token routed; layer 0 by hand, layer 1 = layer 0.
+  es = _eval_set([b'ab1', b'a2'], seq_len=2, batch=1)   # stream a b 1 EOS a 2 EOS
+  labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
+  assert labels.names == tc.BYTE_CLASSES + ('end of text',)
+  assert labels.text == b'ab1a2' and labels.length.tolist() == [1, 1, 1, 0, 1, 1, 0]
+  position = np.arange(7)
+  expert = np.array([0, 0, 1, 1, 0, 1, 1])[None, :, None].repeat(2, 0)
+  kept = np.ones_like(expert, bool)
+  kept[:, 2] = False                                   # the digit '1' was dropped
+  r = routes.Routes(position, expert, kept, np.ones(expert.shape, np.float32),
+                    np.arange(7, dtype=np.float32))
+  res = routes.analyse(r, labels, es.stream, data.ByteTokenizer(), 3,
+                       'tokens_choose')
+  letter, digit, eot = 0, 1, len(labels.names) - 1
+  share = res['category_share']
+  assert share[letter] == pytest.approx(3 / 7) and share[eot] == pytest.approx(2 / 7)
+  assert res['category_loss'][digit] == pytest.approx((2 + 5) / 2)
+  lay = res['layers'][0]
+  assert lay['counts'][letter] == [3, 0, 0] and lay['counts'][digit] == [0, 2, 0]
+  assert lay['counts'][eot] == [0, 2, 0]
+  assert lay['expert_load'] == pytest.approx([3 / 7, 4 / 7, 0.0])
+  assert lay['dead_experts'] == 1 and lay['dropped_fraction'] == pytest.approx(1 / 7)
+  assert lay['dropped_by_category'][digit] == pytest.approx(0.5)
+  assert lay['dropped_by_category'][letter] == 0.0
+  e0 = lay['experts'][0]
+  assert e0['tokens'][0] == {'token': 'a', 'count': 2, 'share_of_token': 1.0}
+  assert e0['top_category'] is None          # fewer than 20 tokens of any kind
+  # Contexts: the bytes ending with the token, across document ends.
+  assert [c['context'] for c in lay['experts'][1]['contexts']] == ['ab1', 'ab1a2']
+  assert lay['nmi'] == pytest.approx(routes.nmi(np.array([0, 0, 1, 6, 0, 1, 6]),
+                                                expert[0, :, 0]))
+  assert res['adjacent_layers'] == [{'nmi': pytest.approx(1.0), 'predicted': 1.0,
+                                     'baseline': pytest.approx(4 / 7)}]
+
+
+def test_nmi_is_one_for_a_function_and_near_zero_for_independence():
+  rng = np.random.default_rng(0)
+  cat = rng.integers(0, 4, 50_000)
+  assert routes.nmi(cat, cat % 4) == pytest.approx(1.0)
+  assert routes.nmi(cat, rng.integers(0, 8, 50_000)) < 0.005
+  assert routes.nmi(np.zeros(5), np.zeros(5)) == 0.0
+
+
+def test_experts_choose_choices_best_first():
+  # Token 0 taken by experts 2 (gate .7) and 0 (.2); token 1 by nobody.
+  kept = np.array([[[True, False, True], [False, False, False]]])
+  gate = np.array([[[0.2, 0.5, 0.7], [0.3, 0.3, 0.4]]], np.float32)
+  expert = np.broadcast_to(np.arange(3), (1, 2, 3)).astype(np.int32)
+  r = routes._best_first(routes.Routes(np.arange(2), expert, kept, gate,
+                                       np.zeros(2, np.float32)))
+  assert r.expert.tolist() == [[[2, 0, -1], [-1, -1, -1]]]
+  assert r.kept.tolist() == [[[True, True, False], [False, False, False]]]
+
+
+@functools.cache
+def _category_router_model():
+  """A 1-layer MoE whose router sees only the token (attention output 0):
+  letters go to expert 0, digits and EOS to expert 1, by construction."""
+  cfg = ModelConfig(vocab_size=384, d_model=8, num_layers=1, num_heads=1,
+                    head_dim=8, mlp_dim=8, max_seq_len=16,
+                    moe=MoeConfig(num_experts=2, expert_dim=4, group_size=16),
+                    moe_every=1)
+  s = train_lib.setup(cfg, optax.adamw(1e-3),
+                      sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  model = Transformer(cfg, jax.random.key(0))
+  v = jnp.ones(8)
+  embed = np.zeros((384, 8), np.float32)
+  embed[[ord(c) for c in 'abcdefghij']] = v
+  embed[[ord(c) for c in '0123456789'] + [EOS]] = -v
+  model.embed[...] = jnp.asarray(embed)
+  block = model.blocks[0]
+  block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
+  block.ffn.w_router[...] = jnp.stack([5 * v, -5 * v], axis=1)
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  return s, s.init(jax.random.key(0))._replace(params=params)
+
+
+@pytest.mark.parametrize('random_routing', [False, True])
+def test_nmi_finds_a_router_that_follows_categories(random_routing):
+  rng = np.random.default_rng(1)
+  docs = [rng.choice(list(b'abcdefghij0123456789'), 300).astype(np.uint8).tobytes()
+          for _ in range(6)]
+  es = _eval_set(docs, seq_len=16, batch=4)
+  s, state = _category_router_model()
+  r = routes.collect(s, state, es, 'tokens_choose')
+  assert len(r.position) == es.tokens
+  labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
+  if random_routing:   # the same tokens, experts drawn uniformly
+    r = r._replace(expert=rng.integers(0, 2, r.expert.shape).astype(np.int32))
+  res = routes.analyse(r, labels, es.stream, data.ByteTokenizer(), 2, 'tokens_choose')
+  if random_routing:
+    assert res['layers'][0]['nmi'] <= 0.05
+  else:
+    assert res['layers'][0]['nmi'] >= 0.95
+    cat = labels.category[r.position]
+    assert np.all(r.expert[0, cat == 0, 0] == 0) and np.all(r.expert[0, cat == 1, 0] == 1)
