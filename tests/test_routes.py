@@ -61,6 +61,7 @@ def test_byte_classes():
 
 def test_labeller_spec_errors_name_the_value():
   assert tc.get('python') is tc.python
+  assert tc.get('moe.token_categories:byte_classes') is tc.byte_classes
   with pytest.raises(ConfigError, match=r"categories='pyhton' is not valid"):
     tc.get('pyhton')
   with pytest.raises(ConfigError, match='cannot import'):
@@ -125,15 +126,16 @@ def test_experts_choose_choices_best_first():
 
 
 @functools.cache
-def _category_router_model():
+def _category_router_model(eval_capacity_factor=2.0, mesh_shape=(1, 1, 1)):
   """A 1-layer MoE whose router sees only the token (attention output 0):
   letters go to expert 0, digits and EOS to expert 1, by construction."""
   cfg = ModelConfig(vocab_size=384, d_model=8, num_layers=1, num_heads=1,
                     head_dim=8, mlp_dim=8, max_seq_len=16,
-                    moe=MoeConfig(num_experts=2, expert_dim=4, group_size=16),
+                    moe=MoeConfig(num_experts=2, expert_dim=4, group_size=16,
+                                  eval_capacity_factor=eval_capacity_factor),
                     moe_every=1)
-  s = train_lib.setup(cfg, optax.adamw(1e-3),
-                      sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  s = train_lib.setup(cfg, optax.adamw(1e-3), sharding.make_mesh(mesh_shape, devices))
   model = Transformer(cfg, jax.random.key(0))
   v = jnp.ones(8)
   embed = np.zeros((384, 8), np.float32)
@@ -143,8 +145,10 @@ def _category_router_model():
   block = model.blocks[0]
   block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
   block.ffn.w_router[...] = jnp.stack([5 * v, -5 * v], axis=1)
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  return s, s.init(jax.random.key(0))._replace(params=params)
+  _, params, extra = nnx.split(model, nnx.Param, ...)
+  # The state the jitted steps take; built eagerly (no init to compile).
+  tx = optax.with_extra_args_support(optax.adamw(1e-3))
+  return s, train_lib.TrainState(jnp.zeros((), jnp.int32), params, extra, tx.init(params))
 
 
 @pytest.mark.parametrize('random_routing', [False, True])
@@ -166,3 +170,32 @@ def test_nmi_finds_a_router_that_follows_categories(random_routing):
     assert res['layers'][0]['nmi'] >= 0.95
     cat = labels.category[r.position]
     assert np.all(r.expert[0, cat == 0, 0] == 0) and np.all(r.expert[0, cat == 1, 0] == 1)
+
+
+def test_dropped_fractions_agree_with_evaluation():
+  # Capacity 4 of 16 slots per expert: most tokens are dropped. The routes'
+  # per-layer dropped fraction is the evaluation's, computed independently.
+  rng = np.random.default_rng(2)
+  docs = [rng.choice(list(b'abc012'), 203).astype(np.uint8).tobytes() for _ in range(4)]
+  es = _eval_set(docs, seq_len=16, batch=2)   # 48 rows of 17: no padding rows
+  s, state = _category_router_model(eval_capacity_factor=0.5)
+  r = routes.collect(s, state, es, 'tokens_choose')
+  labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
+  res = routes.analyse(r, labels, es.stream, data.ByteTokenizer(), 2, 'tokens_choose')
+  metrics, _ = train_lib.evaluate(s, state, es)
+  want = float(np.asarray(metrics['router'].dropped_fraction)[0])
+  assert want > 0.3
+  assert res['layers'][0]['dropped_fraction'] == pytest.approx(want, rel=1e-6)
+
+
+def test_routes_under_a_mesh_equal_one_device():
+  # Groups over the data axis, experts over the expert axis: the collected
+  # routes are the single device's, token for token.
+  rng = np.random.default_rng(3)
+  docs = [rng.choice(list(b'abc012 '), 150).astype(np.uint8).tobytes() for _ in range(4)]
+  es = _eval_set(docs, seq_len=16, batch=4)
+  one = routes.collect(*_category_router_model(0.5), es, 'tokens_choose')
+  mesh = routes.collect(*_category_router_model(0.5, (2, 2, 1)), es, 'tokens_choose')
+  for a, b in zip(one, mesh):
+    np.testing.assert_array_equal(a, b)
+  assert not one.kept.all()                  # capacity 4 of 16: drops to agree on

@@ -37,8 +37,16 @@ def _grads(mesh_shape, dispatch, balance_scope='group'):
   return float(loss), _to_np(grads), hlo, s, state
 
 
-@pytest.mark.parametrize('dispatch', DISPATCHES)
-@pytest.mark.parametrize('mesh_shape', MESHES[1:])
+# Every mesh for the paths with their own all-to-all (gather, dropless);
+# the one-hot einsum path, whose all-to-all the compiler inserts from the
+# same sharding constraints, on the data x expert and the three-axis mesh.
+MESH_CASES = [(m, d) for d in ('gather', 'dropless') for m in MESHES[1:]] + [
+    ((2, 4, 1), 'einsum'), ((2, 2, 2), 'einsum')]
+assert {d for _, d in MESH_CASES} == set(DISPATCHES)
+
+
+@pytest.mark.parametrize('mesh_shape,dispatch', MESH_CASES,
+                         ids=[f'{"x".join(map(str, m))}-{d}' for m, d in MESH_CASES])
 def test_mesh_equals_single_device(mesh_shape, dispatch):
   loss, grads, *_ = _grads(mesh_shape, dispatch)
   ref_loss, ref_grads, *_ = _grads((1, 1, 1), dispatch)
@@ -96,7 +104,7 @@ ALL_REDUCE = r'\ball-reduce(?:-start)?\('
 
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_expert_axis_compiles_to_all_to_all(dispatch):
-  for mesh_shape in MESHES:
+  for mesh_shape in [(1, 1, 1)] + [m for m, d in MESH_CASES if d == dispatch]:
     hlo = _grads(mesh_shape, dispatch)[2]
     if mesh_shape[1] > 1:
       assert _all_to_alls(hlo) >= 2, (mesh_shape, dispatch)

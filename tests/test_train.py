@@ -29,9 +29,10 @@ if REPO not in sys.path:
 
 import jax  # noqa: E402
 
-from moe import data, run_config, train_lib  # noqa: E402
+from moe import data, routes_report, run_config, train_lib  # noqa: E402
 from moe import metrics as metrics_lib  # noqa: E402
-from moe.checkpoint import Checkpointer, checkpoint_steps  # noqa: E402
+from moe.checkpoint import Checkpointer, CheckpointError, checkpoint_steps  # noqa: E402
+from moe.config import ConfigError  # noqa: E402
 from tiny import loop_settings, read_jsonl, shrink_trunk  # noqa: E402
 
 
@@ -364,6 +365,53 @@ def test_eval_py_subprocess(cli_run, data_dir):
   # The 2.0 row is the model's own eval capacity factor: the headline numbers.
   assert rows[2]['loss'] == pytest.approx(result['loss'], rel=1e-5)
   assert rows[2]['dropped_fraction'] == pytest.approx(result['dropped_fraction'], abs=1e-7)
+
+
+def test_routes_py_subprocess(cli_run, data_dir):
+  """scripts/routes.py on the recipe's checkpoints: every file, the set of
+  the final evaluation (here 2 batches), and stability against the other
+  saved checkpoint."""
+  workdir = cli_run['workdir']
+  steps = checkpoint_steps(workdir)
+  proc = subprocess.run(
+      [sys.executable, 'scripts/routes.py', '--config', 'configs/switch.py:cpu',
+       '--workdir', workdir, *_cli_overrides(data_dir), '--config.final_eval_batches=2'],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  out = os.path.join(workdir, 'routes')
+  assert f'wrote {out}/routes.md' in proc.stdout
+  for picture in ('heatmap.png', 'code.png', 'stability.png'):
+    with open(os.path.join(out, picture), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n', picture
+  with open(os.path.join(out, 'routes.json')) as f:
+    r = json.load(f)
+  assert r['step'] == steps[-1] and r['tokens'] == 2 * 16 * 128
+  assert r['categories_labeller'] == 'python' and r['moe_blocks'] == [0, 1, 2, 3]
+  assert sum(r['category_share']) == pytest.approx(1.0)
+  assert len(r['layers']) == 4 and len(r['adjacent_layers']) == 3
+  for layer in r['layers']:
+    assert 0.0 <= layer['nmi'] <= 1.0 and 0.0 <= layer['token_nmi'] <= 1.0
+    assert sum(layer['expert_load']) == pytest.approx(1.0)
+    assert sum(map(sum, layer['counts'])) == r['tokens']     # top-1 of every token
+  # The other checkpoint is a step or a few before: nearly the same routing.
+  assert [x['step'] for x in r['stability']] == steps[:-1]
+  assert all(0.8 < u <= 1.0 for u in r['stability'][0]['unchanged'])
+  md = open(os.path.join(out, 'routes.md')).read()
+  assert '| MoE layer | NMI (category) |' in md and '![code](code.png)' in md
+
+
+def test_routes_refuses_bad_input_before_restoring(cli_run, data_dir):
+  c = _recipe('switch').get_config('cpu')
+  c.data.data_dir = data_dir
+  with pytest.raises(ConfigError, match=r'layer=4 is not an MoE layer index; the '
+                     r'model has 4 MoE layers: 0\.\.3'):
+    routes_report.run(c, cli_run['workdir'], layer=4)
+  with pytest.raises(CheckpointError, match=r'no checkpoint at step 7'):
+    routes_report.run(c, cli_run['workdir'], step=7)
+  dense = _recipe('dense').get_config('cpu')
+  dense.data.data_dir = data_dir
+  with pytest.raises(ConfigError, match='needs an MoE model'):
+    routes_report.run(dense, cli_run['workdir'])
 
 
 def test_train_py_rejects_a_misspelled_override(tmp_path):
