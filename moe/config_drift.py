@@ -82,8 +82,12 @@ def check(saved: dict, new: dict, *, step: int, accept: bool) -> tuple[dict, str
   if not changes:
     return changes, None
   had, defaults = flatten(saved), _field_defaults()
+
+  def section_was_there(key: str) -> bool:   # a dense run's moe is None
+    return isinstance(saved.get(key.split('.')[0]), dict)
+
   added = {k: v for k, v in changes.items() if k not in had and k in defaults
-           and v[1] == defaults[k]}
+           and section_was_there(k) and v[1] == defaults[k]}
   drift = {k: v for k, v in changes.items()
            if not _may_change(k) and k not in added}
   if drift and not accept:

@@ -238,9 +238,10 @@ class SentencePieceTokenizer:
                             if i < n and i not in (self.eos_id, self.pad_id)])
 
   def token_bytes(self, token_id: int) -> bytes:
-    """The bytes one token stands for in its document: its piece with '▁'
-    as a space, a byte-fallback piece as its byte, U+FFFD for the unknown
-    id, b'' for control ids."""
+    """The bytes one token stands for, near enough for analysis: its piece
+    with '▁' as a space, a byte-fallback piece as its byte, U+FFFD for the
+    unknown id, b'' for control ids. (The document itself may differ by the
+    model's normalization and the leading space it adds.)"""
     sp = self._sp
     if token_id >= sp.get_piece_size() or sp.is_control(token_id):
       return b''
@@ -603,6 +604,10 @@ class EvalSet(Iterable[EvalBatch]):
 
   def __len__(self) -> int:
     return -(-self.rows // self._global)
+
+  def documents_of_targets(self) -> np.ndarray:
+    """int32 [tokens]: the document of every target of the set."""
+    return self._row_docs.ravel()
 
   def __iter__(self) -> Iterator[EvalBatch]:
     lo = self._shard_index * self._batch_size

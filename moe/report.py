@@ -284,15 +284,15 @@ def _routes_section(workdir: str, seed: int) -> list[str]:
   if not found.exists():
     return []
   r = json.loads(found.read_text())
-  nmi = ', '.join(f"{l['nmi']:.3f}" for l in r['layers'])
-  token_nmi = ', '.join(f"{l['token_nmi']:.3f}" for l in r['layers'])
+  by_category = ', '.join(f"{100 * l['category_explains']:.0f}%" for l in r['layers'])
+  by_token = ', '.join(f"{100 * l['token_explains']:.0f}%" for l in r['layers'])
   return [
       '## What the experts learned', '',
       f"The MoE's routing at step {r['step']} over {r['tokens']:,} validation "
-      f"tokens ([routes.md]({rel}/routes.md)). Normalized mutual information "
-      f'between top-1 expert and the token\'s {r["categories_labeller"]} '
-      f'category, per MoE layer: {nmi}; between expert and the token itself: '
-      f'{token_nmi} (1: it decides the expert, 0: independent).', '',
+      f"tokens ([routes.md]({rel}/routes.md)). Share of the top-1 expert's "
+      f'entropy explained by the token\'s {r["categories_labeller"]} category, '
+      f'per MoE layer: {by_category}; by the token itself: {by_token} (100%: it '
+      'decides the expert, 0%: independent).', '',
       f'![category x expert]({rel}/heatmap.png)', '',
       f'![validation text coloured by expert]({rel}/code.png)', '']
 

@@ -2,29 +2,37 @@
 
 `collect` runs a checkpoint over the evaluation set (the one eval.py and the
 training run's final evaluation use) and keeps, for every MoE layer and every
-routed token, its chosen experts (best first), their gates and whether each
-was kept. The routed token at input position j is the one the model reads
-there (its next-token loss is the loss at target j + 1); its category is the
-labeller's category (moe.token_categories) of its bytes: of its first
-non-whitespace byte, for tokens of several bytes; tokens that stand for no
-bytes (EOS) are 'end of text'.
+routed token, its chosen experts in the router's order (its first choice
+first), their gates and whether each was kept. The routed token at input
+position j is the one the model reads there; the loss at j is that of
+predicting the next token. A token's category is the labeller's category
+(moe.token_categories) of its bytes: of its first non-whitespace byte, for
+tokens of several bytes; tokens that stand for no bytes (EOS) are
+'end of text'.
 
 `analyse` turns that into numbers (JSON-able):
-  * per layer: normalized mutual information between category and top-1
-    expert, NMI = I(C; E) / ((H(C) + H(E)) / 2), 1 when one decides the
-    other, ~0 when independent (and the same between the token itself and
-    its expert, `token_nmi`); per-expert load over the whole set
-    (fraction of choices, not per step) and dead experts; the category x
-    expert count matrix; the dropped fraction per category; per expert its
-    most frequent tokens (with the share of each token's occurrences it
-    took) and its most frequent 8-byte contexts (the bytes ending with the
-    token's last byte).
-  * per category: its share of tokens and the model's mean next-token loss.
+  * per layer, between a token's category C and its top-1 expert E: the
+    normalized mutual information NMI = I(C; E) / ((H(C) + H(E)) / 2)
+    (1 when the two are the same partition of the tokens, ~0 when
+    independent) and the share of the expert's entropy the category
+    explains, I(C; E) / H(E) (1 when the category decides the expert);
+    the same share for the token itself (`token_explains`: routing by token
+    identity; its plug-in estimate is biased up by about
+    (V - 1)(E - 1) / (2 N H(E)) for V distinct tokens in N); per-expert
+    load over the whole set (fraction of all k choices, not per step) and
+    dead experts; the category x expert count matrix (top-1); the dropped
+    fraction per category; per expert its most frequent tokens (with the
+    share of each token's occurrences whose first choice it is) and its
+    most frequent 8-byte contexts (the bytes of the token's document
+    ending with the token's last byte).
+  * per category: its share of the routed tokens, and the model's mean loss
+    on the tokens of that category (predicting them).
   * across depth: for adjacent MoE layers, NMI between their top-1 experts
     and how often the next layer's expert is the one most often paired with
     this layer's (against always guessing its most loaded expert).
 `stability` compares two checkpoints of one run: per layer, the fraction of
-tokens whose top-1 expert is unchanged (StableMoE, Dai et al. 2022).
+tokens, among those routed at both, whose top-1 expert is unchanged
+(StableMoE, Dai et al. 2022).
 """
 
 from __future__ import annotations
@@ -44,18 +52,20 @@ CONTEXT_BYTES = 8
 class Routes(NamedTuple):
   """The routing of every token of an eval set (padding rows left out)."""
   position: np.ndarray    # int64 [N]: the routed token's index in the set's stream
-  expert: np.ndarray      # int32 [L, N, K]: choices, best gate first; -1: none
+  expert: np.ndarray      # int32 [L, N, K]: choices, first choice first; -1: none
   kept: np.ndarray        # bool [L, N, K]: the choice reached its expert
   gate: np.ndarray        # float32 [L, N, K]
   token_loss: np.ndarray  # float32 [N]: the loss of predicting the next token
 
 
 def collect(s: Setup, state: TrainState, eval_set: data.EvalSet,
-            router: str) -> Routes:
-  """Runs `eval_set` once with routes=True (see the module doc); `router`
-  is the model's moe.router."""
+            router: str, every: int = 1) -> Routes:
+  """Runs `eval_set` once with routes=True (see the module doc), or every
+  `every`-th batch of it; `router` is the model's moe.router."""
   parts = []
-  for batch in eval_set:
+  for i, batch in enumerate(eval_set):
+    if i % every:
+      continue
     tokens = data.global_batch(batch.tokens, s.batch_sharding)
     m = jax.device_get(s.eval_step(state, tokens, None, True))
     r, rows = m['router'].routes, batch.weights > 0      # [L, B, T, K], [B]
@@ -66,8 +76,9 @@ def collect(s: Setup, state: TrainState, eval_set: data.EvalSet,
         r.kept[:, rows].reshape(l, -1, k),
         r.gate[:, rows].reshape(l, -1, k),
         m['token_loss'][rows].ravel()))
-  routes = Routes(*(np.concatenate(a, axis=-1 if i == 0 or i == 4 else 1)
-                    for i, a in enumerate(zip(*parts))))
+  per_token = {'position', 'token_loss'}       # [N]; the rest are [L, N, K]
+  routes = Routes(*(np.concatenate(a, axis=0 if name in per_token else 1)
+                    for name, a in zip(Routes._fields, zip(*parts))))
   return routes if router == 'tokens_choose' else _best_first(routes)
 
 
@@ -141,16 +152,30 @@ def _entropy(counts: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def nmi(a: np.ndarray, b: np.ndarray) -> float:
-  """Normalized mutual information of two label arrays (arithmetic mean of
-  the entropies), 0 where both are constant."""
+def _information(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+  """(I(A; B), H(A), H(B)) in nats, plug-in, of two label arrays."""
+  if len(a) == 0:
+    return 0.0, 0.0, 0.0
   _, ai = np.unique(a, return_inverse=True)
   _, bi = np.unique(b, return_inverse=True)
-  joint = np.zeros((ai.max() + 1, bi.max() + 1))
-  np.add.at(joint, (ai, bi), 1)
-  ha, hb = _entropy(joint.sum(1)), _entropy(joint.sum(0))
-  mutual = ha + hb - _entropy(joint.ravel())
-  return 0.0 if ha + hb == 0 else float(max(mutual, 0.0) / ((ha + hb) / 2))
+  joint = np.bincount(ai * (bi.max() + 1) + bi).astype(np.float64)
+  ha = _entropy(np.bincount(ai).astype(np.float64))
+  hb = _entropy(np.bincount(bi).astype(np.float64))
+  return max(ha + hb - _entropy(joint), 0.0), ha, hb
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+  """Normalized mutual information (arithmetic mean of the entropies): 1
+  when a and b partition the items alike, 0 when independent or constant."""
+  mutual, ha, hb = _information(a, b)
+  return 0.0 if ha + hb == 0 else mutual / ((ha + hb) / 2)
+
+
+def explained(a: np.ndarray, b: np.ndarray) -> float:
+  """I(A; B) / H(B): the share of b's entropy that a explains, 1 when a
+  decides b (0 for a constant b)."""
+  mutual, _, hb = _information(a, b)
+  return 0.0 if hb == 0 else mutual / hb
 
 
 def _shown(token: bytes) -> str:
@@ -160,15 +185,20 @@ def _shown(token: bytes) -> str:
           .replace(' ', '\u2423').replace('|', '\\|') or '(none)')
 
 
-def _context_keys(labels: Labels, positions: np.ndarray) -> np.ndarray:
-  """The CONTEXT_BYTES bytes ending with each token's last byte (earlier
-  documents' bytes included), as uint64 keys."""
+def _context_keys(labels: Labels, positions: np.ndarray,
+                  starts: np.ndarray) -> np.ndarray:
+  """The last CONTEXT_BYTES bytes of each token's document up to its last
+  byte, as uint64 keys (shorter contexts near a document's start)."""
   raw = np.frombuffer(labels.text, np.uint8)
   raw = np.concatenate([np.zeros(CONTEXT_BYTES, np.uint8), raw])
+  first = starts[np.searchsorted(starts, positions, side='right') - 1]
+  doc_begin = labels.end[first] - labels.length[first] + CONTEXT_BYTES
   end = labels.end[positions] + CONTEXT_BYTES
   key = np.zeros(len(positions), np.uint64)
   for i in range(CONTEXT_BYTES):
-    key = (key << np.uint64(8)) | raw[end - CONTEXT_BYTES + i].astype(np.uint64)
+    at = end - CONTEXT_BYTES + i
+    byte = np.where(at >= doc_begin, raw[at], 0).astype(np.uint64)
+    key = (key << np.uint64(8)) | byte
   return key
 
 
@@ -176,24 +206,27 @@ def _key_bytes(key: int) -> bytes:
   return int(key).to_bytes(CONTEXT_BYTES, 'big').lstrip(b'\0')
 
 
-def analyse(routes: Routes, labels: Labels, stream: np.ndarray, tokenizer,
+def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
             num_experts: int, router: str, top: int = 8) -> dict:
   """The statistics of the module doc, JSON-able. Dropped: a tokens-choose
   choice whose expert was full; an experts-choose token no expert took."""
   e = num_experts
   names = labels.names
   cat = labels.category[routes.position].astype(np.int64)           # [N]
-  tok = stream[routes.position].astype(np.int64)                     # [N]
-  contexts = _context_keys(labels, routes.position)
+  tok = eval_set.stream[routes.position].astype(np.int64)            # [N]
+  contexts = _context_keys(labels, routes.position, eval_set.starts)
   num_cat = len(names)
   cat_tokens = np.bincount(cat, minlength=num_cat)
-  loss_sum = np.bincount(cat, routes.token_loss.astype(np.float64), num_cat)
+  # The loss of predicting each target, by the target's category.
+  target_cat = labels.category[routes.position + 1].astype(np.int64)
+  target_tokens = np.bincount(target_cat, minlength=num_cat)
+  loss_sum = np.bincount(target_cat, routes.token_loss.astype(np.float64), num_cat)
   result = {
       'tokens': int(len(cat)),
       'categories': list(names),
       'category_share': (cat_tokens / len(cat)).tolist(),
       'category_loss': [float(s / n) if n else None
-                        for s, n in zip(loss_sum, cat_tokens)],
+                        for s, n in zip(loss_sum, target_tokens)],
       'layers': [],
   }
   top1 = routes.expert[:, :, 0]                                        # [L, N]
@@ -238,7 +271,8 @@ def analyse(routes: Routes, labels: Labels, stream: np.ndarray, tokenizer,
     result['layers'].append({
         'layer': l,
         'nmi': nmi(cat[routed], first[routed]),
-        'token_nmi': nmi(tok[routed], first[routed]),
+        'category_explains': explained(cat[routed], first[routed]),
+        'token_explains': explained(tok[routed], first[routed]),
         'expert_load': load.tolist(),
         'dead_experts': int((load == 0).sum()),
         'dropped_fraction': float(dropped.mean()),
@@ -265,7 +299,12 @@ def _adjacent(a: np.ndarray, b: np.ndarray, e: int) -> dict:
 
 def stability(a: Routes, b: Routes) -> list[float]:
   """Per layer, the fraction of tokens with the same top-1 expert in two
-  collections of the same eval set."""
-  if not np.array_equal(a.position, b.position):
+  collections of one eval set (over the tokens both hold), among tokens
+  routed in both (an experts-choose token no expert took has none)."""
+  _, ia, ib = np.intersect1d(a.position, b.position, return_indices=True)
+  if not len(ia):
     raise ValueError('stability compares routes of the same eval set.')
-  return [float(x) for x in np.mean(a.expert[:, :, 0] == b.expert[:, :, 0], axis=1)]
+  x, y = a.expert[:, ia, 0], b.expert[:, ib, 0]                     # [L, N]
+  both = (x >= 0) & (y >= 0)
+  same = np.sum((x == y) & both, axis=1) / np.maximum(np.sum(both, axis=1), 1)
+  return [float(v) for v in same]

@@ -11,6 +11,7 @@ routes.md and three pictures (scripts/routes.py; moe.routes has the numbers).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -18,6 +19,7 @@ import time
 import jax
 import matplotlib
 import numpy as np
+from etils import epath
 
 from moe import data, eval_lib, routes, run_dir
 from moe import token_categories as tc
@@ -28,6 +30,9 @@ from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 CODE_LINES, CODE_COLUMNS = 40, 100
+# Stability against earlier checkpoints is measured on every STABILITY_EVERY-th
+# batch of the set: a quarter of its tokens pins a fraction to well under 1%.
+STABILITY_EVERY = 4
 
 
 def default_categories(data_name: str) -> str:
@@ -36,11 +41,8 @@ def default_categories(data_name: str) -> str:
 
 def is_current(workdir: str, step: int) -> bool:
   """Whether workdir/routes/ holds the analysis of the checkpoint at `step`."""
-  path = os.path.join(workdir, 'routes', 'routes.json')
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get('step') == step
+  path = epath.Path(workdir) / 'routes' / 'routes.json'
+  return path.exists() and json.loads(path.read_text()).get('step') == step
 
 
 def run(config, workdir: str, *, step: int = -1, stability: bool = True,
@@ -48,7 +50,7 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
         code_document: int | None = None, code_line: int | None = None) -> dict:
   """Analyses `workdir`'s checkpoint at `step` (-1: the latest) on the eval
   set of its final evaluation and writes workdir/routes/. `stability`: also
-  route with every other saved checkpoint. `layer`: the MoE layer of the
+  route every STABILITY_EVERY-th batch with every other saved checkpoint. `layer`: the MoE layer of the
   coloured code (default: the one whose experts follow categories most, by
   NMI). The pictured document and line default to the one with the most
   evaluated tokens, a third of the way in."""
@@ -72,6 +74,9 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
   if code_document is not None and not 0 <= code_document < num_docs:
     raise ConfigError(f'code_document={code_document} is not a document of '
                       f'the eval set: 0..{num_docs - 1}.')
+  tokenizer = data.get_tokenizer(r.run.data)
+  labels = routes.label(eval_set, tokenizer, labeller)   # a bad labeller fails here
+  doc, first_line = _code_place(eval_set, labels, code_document, code_line)
   router = model.moe.router
   main = routes.collect(r.setup, eval_lib.restore(r, step, workdir), eval_set, router)
   unchanged = []
@@ -79,12 +84,11 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
     for other in r.checkpoint_steps:
       if other != step:
         other_routes = routes.collect(
-            r.setup, eval_lib.restore(r, other, workdir), eval_set, router)
+            r.setup, eval_lib.restore(r, other, workdir), eval_set, router,
+            every=STABILITY_EVERY)
         unchanged.append({'step': other,
                           'unchanged': routes.stability(other_routes, main)})
-  tokenizer = data.get_tokenizer(r.run.data)
-  labels = routes.label(eval_set, tokenizer, labeller)
-  result = routes.analyse(main, labels, eval_set.stream, tokenizer,
+  result = routes.analyse(main, labels, eval_set, tokenizer,
                           model.moe.num_experts, router)
   nmis = [x['nmi'] for x in result['layers']]
   layer = int(np.argmax(nmis)) if layer is None else layer
@@ -95,20 +99,28 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
       eval_set={'whole_split': eval_set.whole_split,
                 'tokens': eval_set.tokens, 'documents': eval_set.documents},
       stability=unchanged, code_layer=layer)
+  result['code'] = {'document': doc, 'first_line': first_line, 'layer': layer}
   if jax.process_index() == 0:
     out = os.path.join(workdir, 'routes')
-    os.makedirs(out, exist_ok=True)
-    heatmap(result, os.path.join(out, 'heatmap.png'))
-    doc, first_line = _code_place(eval_set, main, labels, code_document, code_line)
-    result['code'] = {'document': doc, 'first_line': first_line, 'layer': layer}
-    code_picture(eval_set, main, labels, layer, doc, first_line,
-                 os.path.join(out, 'code.png'), result)
+    _save(heatmap(result), out, 'heatmap.png')
+    _save(code_picture(eval_set, main, labels, layer, doc, first_line, result),
+          out, 'code.png')
     if unchanged:
-      stability_plot(result, os.path.join(out, 'stability.png'))
+      _save(stability_plot(result), out, 'stability.png')
     result['seconds'] = time.time() - started
     run_dir.write_text(out, 'routes.json', json.dumps(result, indent=1))
     run_dir.write_text(out, 'routes.md', markdown(result))
   return result
+
+
+def _save(fig, directory: str, name: str) -> None:
+  """The figure as a PNG in `directory` (local or gs://)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
+  plt.close(fig)
+  path = epath.Path(directory)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / name).write_bytes(buffer.getvalue())
 
 
 # --- Pictures ----------------------------------------------------------------
@@ -118,7 +130,7 @@ def _expert_colours(e: int) -> np.ndarray:
   return np.array([cmap(i if e <= 20 else i / e) for i in range(e)])
 
 
-def heatmap(result: dict, path: str) -> None:
+def heatmap(result: dict):
   """P(expert | category) per MoE layer, categories with tokens only."""
   names, share = result['categories'], np.array(result['category_share'])
   rows = np.flatnonzero(share > 0)
@@ -143,8 +155,7 @@ def heatmap(result: dict, path: str) -> None:
   fig.suptitle(f"Where each kind of token goes: % of a category's tokens per "
                f"top-1 expert (step {result['step']})", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def _doc_text(labels: routes.Labels, starts: np.ndarray, document: int) -> bytes:
@@ -152,20 +163,27 @@ def _doc_text(labels: routes.Labels, starts: np.ndarray, document: int) -> bytes
   return labels.text[int(labels.end[lo] - labels.length[lo]):int(labels.end[hi - 1])]
 
 
-def _code_place(eval_set: data.EvalSet, main: routes.Routes, labels: routes.Labels,
+def _code_place(eval_set: data.EvalSet, labels: routes.Labels,
                 document: int | None, line: int | None) -> tuple[int, int]:
+  """The pictured document (default: the one with the most evaluated tokens)
+  and first line (default: a third of the way in); refuses a line past the
+  document's end."""
   starts = eval_set.starts
   if document is None:
-    docs = np.searchsorted(starts, main.position, side='right') - 1
-    document = int(np.argmax(np.bincount(docs, minlength=len(starts) - 1)))
+    document = int(np.argmax(np.bincount(eval_set.documents_of_targets(),
+                                         minlength=len(starts) - 1)))
+  lines = _doc_text(labels, starts, document).count(b'\n') + 1
   if line is None:
-    line = max(1, _doc_text(labels, starts, document).count(b'\n') // 3)
+    line = max(1, lines // 3)
+  if line > lines:
+    raise ConfigError(f'code_line={line} is past the end of document {document}, '
+                      f'which has {lines} lines.')
   return document, line
 
 
 def code_picture(eval_set: data.EvalSet, main: routes.Routes,
                  labels: routes.Labels, layer: int, document: int,
-                 first_line: int, path: str, result: dict) -> None:
+                 first_line: int, result: dict):
   """CODE_LINES lines of `document` from `first_line` (1-based), each byte
   on the colour of its token's top-1 expert in `layer`."""
   starts = eval_set.starts
@@ -209,11 +227,10 @@ def code_picture(eval_set: data.EvalSet, main: routes.Routes,
                f"{first_line + len(lines) - 1}: top-1 expert of each token in "
                f"MoE layer {layer} (step {result['step']})", fontsize=9)
   fig.tight_layout(rect=(0, 0.4 / fig.get_figheight() * (1 + e // 6), 1, 1))
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
-def stability_plot(result: dict, path: str) -> None:
+def stability_plot(result: dict):
   rows = sorted(result['stability'], key=lambda x: x['step'])
   fig, ax = plt.subplots(figsize=(5.5, 3.5))
   steps = [x['step'] for x in rows] + [result['step']]
@@ -226,11 +243,15 @@ def stability_plot(result: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 # --- The page ----------------------------------------------------------------
+
+def _code(text: str) -> str:
+  """A markdown code span that holds backticks too."""
+  return f'`` {text} ``' if '`' in text else f'`{text}`'
+
 
 def markdown(result: dict) -> str:
   names = result['categories']
@@ -243,19 +264,23 @@ def markdown(result: dict) -> str:
          f"documents), categories by the `{result['categories_labeller']}` "
          f"labeller; router {result['router']}, top-{result['top_k']}, MoE "
          f"layers in blocks {result['moe_blocks']}. "
-         'NMI: normalized mutual information between a token\'s category (or '
-         'the token itself) and its top-1 expert (1: it decides the expert, '
-         '0: independent).', '',
-         '| MoE layer | NMI (category) | NMI (token) | dead experts | '
-         'load max / mean | dropped |', '|---|---|---|---|---|---|']
+         'NMI: normalized mutual information between a token\'s category and '
+         'its top-1 expert (1: the same partition of the tokens, 0: '
+         'independent). Explained: the share of the top-1 expert\'s entropy '
+         'that the category, or the token itself, accounts for (1: it decides '
+         'the expert).', '',
+         '| MoE layer | NMI (category) | explained by category | explained by '
+         'token | dead experts | load max / mean | dropped |',
+         '|---|---|---|---|---|---|---|']
   for lay in layers:
     load = np.array(lay['expert_load'])
-    out.append(f"| {lay['layer']} | {lay['nmi']:.3f} | {lay['token_nmi']:.3f} | "
-               f"{lay['dead_experts']} | "
+    out.append(f"| {lay['layer']} | {lay['nmi']:.3f} | "
+               f"{100 * lay['category_explains']:.1f}% | "
+               f"{100 * lay['token_explains']:.1f}% | {lay['dead_experts']} | "
                f"{load.max() / load.mean():.2f} | "
                f"{100 * lay['dropped_fraction']:.2f}% |")
   out += ['', '## Categories', '',
-          '| category | share of tokens | next-token loss | '
+          '| category | share of routed tokens | loss predicting it | '
           + ' | '.join(f"dropped, layer {l['layer']}" for l in layers) + ' |',
           '|---|---|---|' + '---|' * len(layers)]
   for i, name in enumerate(names):
@@ -265,13 +290,14 @@ def markdown(result: dict) -> str:
     out.append(f'| {name} | {100 * share[i]:.1f}% | {loss[i]:.3f} | {drops} |')
   for lay in layers:
     out += ['', f"## MoE layer {lay['layer']}: what each expert takes", '',
-            '| expert | load | most over-represented category (× its share) | '
-            'most frequent tokens (share of that token\'s occurrences) | '
-            'most frequent 8-byte contexts |', '|---|---|---|---|---|']
+            '| expert | load (all choices) | most over-represented category (× '
+            'its share) | most frequent tokens (share of that token\'s '
+            'occurrences whose first choice it is) | most frequent 8-byte '
+            'contexts |', '|---|---|---|---|---|']
     for x in lay['experts']:
-      toks = ', '.join(f"`{t['token']}` {100 * t['share_of_token']:.0f}%"
+      toks = ', '.join(f"{_code(t['token'])} {100 * t['share_of_token']:.0f}%"
                        for t in x['tokens'][:6])
-      ctx = ', '.join(f"`{c['context']}`" for c in x['contexts'][:4])
+      ctx = ', '.join(_code(c['context']) for c in x['contexts'][:4])
       top = (f"{x['top_category']} (×{x['top_category_lift']:.1f})"
              if x['top_category'] else '—')
       out.append(f"| {x['expert']} | {100 * x['load']:.1f}% | {top} | {toks} | {ctx} |")
@@ -285,7 +311,7 @@ def markdown(result: dict) -> str:
   if result['stability']:
     out += ['', '## Routing stability over training', '',
             f"Fraction of tokens whose top-1 expert is the one at step "
-            f"{result['step']}:", '',
+            f"{result['step']} (among tokens routed at both):", '',
             '| step | ' + ' | '.join(f"layer {l['layer']}" for l in layers)
             + ' |', '|---|' + '---|' * len(layers)]
     for row in sorted(result['stability'], key=lambda x: x['step']):

@@ -1,7 +1,8 @@
 """Token categories for the routes analysis: a label for every byte of a text.
 
-A labeller maps a document's bytes to (category names, one category index
-per byte, uint8). Two ship here:
+A labeller maps a document's bytes to one category index per byte, indices
+into its `CATEGORIES` attribute (the tuple of category names). Two ship
+here:
 
 * `python`: the category of the Python `tokenize` token that holds the byte:
   keyword, builtin name, other identifier, operator/punctuation, string,
@@ -10,6 +11,7 @@ per byte, uint8). Two ship here:
   token) or other whitespace. Bytes of a document that `tokenize` cannot
   finish (a Python 2 file, an unterminated string) keep what was labelled
   before the error; the rest are 'other' (non-whitespace) or whitespace.
+  Bytes that are not UTF-8 read as one U+FFFD character each.
 * `bytes`: byte classes for any text: letter, digit, punctuation, space,
   newline, non-ASCII.
 
@@ -24,6 +26,7 @@ import builtins
 import importlib
 import io
 import keyword
+import re
 import string
 import tokenize
 from collections.abc import Callable
@@ -43,6 +46,7 @@ _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith('_'))
 _STRING_TYPES = {tokenize.STRING} | {
     getattr(tokenize, n) for n in ('FSTRING_START', 'FSTRING_MIDDLE',
                                    'FSTRING_END') if hasattr(tokenize, n)}
+_SURROGATE = re.compile('[\udc80-\udcff]')
 _SPACE = np.zeros(256, bool)
 _SPACE[[ord(c) for c in ' \t\r\f\v']] = True
 
@@ -72,7 +76,7 @@ def python(text: bytes) -> np.ndarray:
     seen_text = np.arange(len(raw)) >= first_text[line_id]
   labels[_SPACE[raw] & ~seen_text] = _P['indentation/newline']
 
-  source = text.decode('utf-8', 'surrogateescape')
+  source = text.decode('utf-8', 'surrogateescape')   # a bad byte: one character
   lines = source.split('\n')
   line_start = np.concatenate(
       [[0], np.cumsum([len(l.encode('utf-8', 'surrogateescape')) + 1
@@ -85,7 +89,9 @@ def python(text: bytes) -> np.ndarray:
     m = maps[row - 1]
     return int(line_start[row - 1] + (col if m is None else m[min(col, len(m) - 1)]))
 
-  readline = io.StringIO(source).readline
+  # tokenize reads the same characters with each bad byte as U+FFFD (a lone
+  # surrogate would stop it); offsets come from `lines`, bytes included.
+  readline = io.StringIO(_SURROGATE.sub('\ufffd', source)).readline
   try:
     for tok in tokenize.generate_tokens(readline):
       if tok.type == tokenize.NAME:
@@ -103,7 +109,7 @@ def python(text: bytes) -> np.ndarray:
         continue
       lo, hi = offset(*tok.start), offset(*tok.end)
       labels[lo:hi] = _P[cat]
-  except (tokenize.TokenError, SyntaxError):
+  except (tokenize.TokenError, SyntaxError, UnicodeError):
     pass   # the module doc: what came before the error keeps its labels
   return labels
 
@@ -119,7 +125,8 @@ for _chars, _name in ((string.ascii_letters, 'letter'),
                       (' \t\r\f\v', 'space'), ('\n', 'newline')):
   _BYTE_CLASS[[ord(c) for c in _chars]] = BYTE_CLASSES.index(_name)
 # Other ASCII control bytes count as space.
-_BYTE_CLASS[[b for b in range(128) if _BYTE_CLASS[b] == 5]] = BYTE_CLASSES.index('space')
+_BYTE_CLASS[[b for b in range(128) if BYTE_CLASSES[_BYTE_CLASS[b]] == 'non-ASCII']] = (
+    BYTE_CLASSES.index('space'))
 
 
 def byte_classes(text: bytes) -> np.ndarray:

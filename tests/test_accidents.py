@@ -166,6 +166,9 @@ def test_a_field_added_since_the_checkpoint_passes_at_its_default():
   other = {'seed': 0, 'moe': {'top_k': 1, 'balance_scope': 'batch'}}
   with pytest.raises(ConfigError, match=r"moe.balance_scope: None -> 'batch'"):
     config_drift.check(saved, other, step=3, accept=False)
+  # A dense run (moe None) resumed as an MoE: its MoE fields are not "added".
+  with pytest.raises(ConfigError, match=r"moe.balance_scope: None -> 'group'"):
+    config_drift.check({'seed': 0, 'moe': None}, same, step=3, accept=False)
 
 
 def test_resume_refuses_drift_unless_accepted_and_records_every_start(

@@ -71,47 +71,64 @@ def test_labeller_spec_errors_name_the_value():
 
 
 def test_statistics_by_hand():
-  # Two documents; every token routed; layer 0 by hand, layer 1 = layer 0.
+  # Two documents; the six tokens that have a next token are routed;
+  # layer 0 by hand, layer 1 = layer 0.
   es = _eval_set([b'ab1', b'a2'], seq_len=2, batch=1)   # stream a b 1 EOS a 2 EOS
   labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
   assert labels.names == tc.BYTE_CLASSES + ('end of text',)
   assert labels.text == b'ab1a2' and labels.length.tolist() == [1, 1, 1, 0, 1, 1, 0]
-  position = np.arange(7)
-  expert = np.array([0, 0, 1, 1, 0, 1, 1])[None, :, None].repeat(2, 0)
+  expert = np.array([0, 0, 1, 1, 0, 1])[None, :, None].repeat(2, 0)
   kept = np.ones_like(expert, bool)
   kept[:, 2] = False                                   # the digit '1' was dropped
-  r = routes.Routes(position, expert, kept, np.ones(expert.shape, np.float32),
-                    np.arange(7, dtype=np.float32))
-  res = routes.analyse(r, labels, es.stream, data.ByteTokenizer(), 3,
-                       'tokens_choose')
+  r = routes.Routes(np.arange(6), expert, kept, np.ones(expert.shape, np.float32),
+                    np.arange(6, dtype=np.float32))    # loss j: predicting token j + 1
+  res = routes.analyse(r, labels, es, data.ByteTokenizer(), 3, 'tokens_choose')
   letter, digit, eot = 0, 1, len(labels.names) - 1
   share = res['category_share']
-  assert share[letter] == pytest.approx(3 / 7) and share[eot] == pytest.approx(2 / 7)
-  assert res['category_loss'][digit] == pytest.approx((2 + 5) / 2)
+  assert share[letter] == pytest.approx(3 / 6) and share[eot] == pytest.approx(1 / 6)
+  # Loss by the predicted token's category: letters b, a at j = 0, 3.
+  assert res['category_loss'][letter] == pytest.approx((0 + 3) / 2)
+  assert res['category_loss'][eot] == pytest.approx((2 + 5) / 2)
   lay = res['layers'][0]
   assert lay['counts'][letter] == [3, 0, 0] and lay['counts'][digit] == [0, 2, 0]
-  assert lay['counts'][eot] == [0, 2, 0]
-  assert lay['expert_load'] == pytest.approx([3 / 7, 4 / 7, 0.0])
-  assert lay['dead_experts'] == 1 and lay['dropped_fraction'] == pytest.approx(1 / 7)
+  assert lay['counts'][eot] == [0, 1, 0]
+  assert lay['expert_load'] == pytest.approx([0.5, 0.5, 0.0])
+  assert lay['dead_experts'] == 1 and lay['dropped_fraction'] == pytest.approx(1 / 6)
   assert lay['dropped_by_category'][digit] == pytest.approx(0.5)
   assert lay['dropped_by_category'][letter] == 0.0
   e0 = lay['experts'][0]
   assert e0['tokens'][0] == {'token': 'a', 'count': 2, 'share_of_token': 1.0}
   assert e0['top_category'] is None          # fewer than 20 tokens of any kind
-  # Contexts: the bytes ending with the token, across document ends.
-  assert [c['context'] for c in lay['experts'][1]['contexts']] == ['ab1', 'ab1a2']
-  assert lay['nmi'] == pytest.approx(routes.nmi(np.array([0, 0, 1, 6, 0, 1, 6]),
-                                                expert[0, :, 0]))
+  # Contexts stop at the token's document start ('2' reads 'a2', not 'ab1a2').
+  assert [c['context'] for c in lay['experts'][1]['contexts']] == ['ab1', 'a2']
+  # Category and token each decide the expert here; the partitions differ.
+  assert lay['category_explains'] == pytest.approx(1.0)
+  assert lay['token_explains'] == pytest.approx(1.0)
+  assert lay['nmi'] == pytest.approx(routes.nmi(np.array([0, 0, 1, 6, 0, 1]),
+                                                expert[0, :, 0])) and lay['nmi'] < 1
   assert res['adjacent_layers'] == [{'nmi': pytest.approx(1.0), 'predicted': 1.0,
-                                     'baseline': pytest.approx(4 / 7)}]
+                                     'baseline': pytest.approx(0.5)}]
+  # Stability over the tokens both collections hold (a later one may route
+  # every 4th batch only): tokens 0, 2, 4, one of them moved.
+  part = routes.Routes(*(a[..., [0, 2, 4], :] if a.ndim == 3 else a[[0, 2, 4]]
+                         for a in r))
+  part.expert[:, 1, 0] = 0
+  assert routes.stability(part, r) == pytest.approx([2 / 3, 2 / 3])
 
 
-def test_nmi_is_one_for_a_function_and_near_zero_for_independence():
+def test_nmi_and_explained_share():
   rng = np.random.default_rng(0)
-  cat = rng.integers(0, 4, 50_000)
-  assert routes.nmi(cat, cat % 4) == pytest.approx(1.0)
-  assert routes.nmi(cat, rng.integers(0, 8, 50_000)) < 0.005
+  cat = rng.integers(0, 8, 50_000)
+  assert routes.nmi(cat, (cat + 3) % 8) == pytest.approx(1.0)    # a relabelling
+  # 8 categories onto 2 experts: the category decides the expert (explains
+  # all of its entropy) but NMI, symmetric, is well below 1.
+  assert routes.explained(cat, cat % 2) == pytest.approx(1.0)
+  assert routes.nmi(cat, cat % 2) == pytest.approx(2 * np.log(2) / (np.log(8) + np.log(2)),
+                                                   rel=1e-3)
+  independent = rng.integers(0, 8, 50_000)
+  assert routes.nmi(cat, independent) < 0.005 and routes.explained(cat, independent) < 0.005
   assert routes.nmi(np.zeros(5), np.zeros(5)) == 0.0
+  assert routes.nmi(np.zeros(0), np.zeros(0)) == 0.0
 
 
 def test_experts_choose_choices_best_first():
@@ -123,6 +140,11 @@ def test_experts_choose_choices_best_first():
                                        np.zeros(2, np.float32)))
   assert r.expert.tolist() == [[[2, 0, -1], [-1, -1, -1]]]
   assert r.kept.tolist() == [[[True, True, False], [False, False, False]]]
+  # Stability counts tokens routed at both checkpoints: token 1, taken by
+  # nobody, is neither kept nor changed; token 0's first expert moved.
+  assert routes.stability(r, r) == [1.0]
+  moved = r._replace(expert=np.array([[[0, 2, -1], [-1, -1, -1]]], np.int32))
+  assert routes.stability(r, moved) == [0.0]
 
 
 @functools.cache
@@ -163,11 +185,13 @@ def test_nmi_finds_a_router_that_follows_categories(random_routing):
   labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
   if random_routing:   # the same tokens, experts drawn uniformly
     r = r._replace(expert=rng.integers(0, 2, r.expert.shape).astype(np.int32))
-  res = routes.analyse(r, labels, es.stream, data.ByteTokenizer(), 2, 'tokens_choose')
+  res = routes.analyse(r, labels, es, data.ByteTokenizer(), 2, 'tokens_choose')
   if random_routing:
     assert res['layers'][0]['nmi'] <= 0.05
+    assert res['layers'][0]['category_explains'] <= 0.05
   else:
     assert res['layers'][0]['nmi'] >= 0.95
+    assert res['layers'][0]['category_explains'] >= 0.95
     cat = labels.category[r.position]
     assert np.all(r.expert[0, cat == 0, 0] == 0) and np.all(r.expert[0, cat == 1, 0] == 1)
 
@@ -181,7 +205,7 @@ def test_dropped_fractions_agree_with_evaluation():
   s, state = _category_router_model(eval_capacity_factor=0.5)
   r = routes.collect(s, state, es, 'tokens_choose')
   labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
-  res = routes.analyse(r, labels, es.stream, data.ByteTokenizer(), 2, 'tokens_choose')
+  res = routes.analyse(r, labels, es, data.ByteTokenizer(), 2, 'tokens_choose')
   metrics, _ = train_lib.evaluate(s, state, es)
   want = float(np.asarray(metrics['router'].dropped_fraction)[0])
   assert want > 0.3

@@ -390,14 +390,16 @@ def test_routes_py_subprocess(cli_run, data_dir):
   assert sum(r['category_share']) == pytest.approx(1.0)
   assert len(r['layers']) == 4 and len(r['adjacent_layers']) == 3
   for layer in r['layers']:
-    assert 0.0 <= layer['nmi'] <= 1.0 and 0.0 <= layer['token_nmi'] <= 1.0
+    for key in ('nmi', 'category_explains', 'token_explains'):
+      assert 0.0 <= layer[key] <= 1.0, key
     assert sum(layer['expert_load']) == pytest.approx(1.0)
     assert sum(map(sum, layer['counts'])) == r['tokens']     # top-1 of every token
   # The other checkpoint is a step or a few before: nearly the same routing.
   assert [x['step'] for x in r['stability']] == steps[:-1]
   assert all(0.8 < u <= 1.0 for u in r['stability'][0]['unchanged'])
   md = open(os.path.join(out, 'routes.md')).read()
-  assert '| MoE layer | NMI (category) |' in md and '![code](code.png)' in md
+  assert '| MoE layer | NMI (category) | explained by category |' in md
+  assert '![code](code.png)' in md
 
 
 def test_routes_refuses_bad_input_before_restoring(cli_run, data_dir):
@@ -408,6 +410,10 @@ def test_routes_refuses_bad_input_before_restoring(cli_run, data_dir):
     routes_report.run(c, cli_run['workdir'], layer=4)
   with pytest.raises(CheckpointError, match=r'no checkpoint at step 7'):
     routes_report.run(c, cli_run['workdir'], step=7)
+  c.final_eval_batches = 1
+  with pytest.raises(ConfigError, match=r'code_line=100000 is past the end of '
+                     r'document 3, which has \d+ lines'):
+    routes_report.run(c, cli_run['workdir'], code_document=3, code_line=100_000)
   dense = _recipe('dense').get_config('cpu')
   dense.data.data_dir = data_dir
   with pytest.raises(ConfigError, match='needs an MoE model'):
