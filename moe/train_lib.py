@@ -195,14 +195,23 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
 
 def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
-  """AdamW (default) or Adafactor, with global-norm clipping."""
+  """AdamW (default) or Adafactor, with global-norm clipping.
+
+  Weight decay means the same for both: each step subtracts
+  lr * weight_decay * p from the matrices (decoupled, as AdamW). optax's
+  Adafactor adds its `weight_decay_rate * p` after the learning rate, so
+  weight_decay=0.1 there would shrink every matrix by 10% a step; the decay
+  is added here before the learning rate instead."""
   lr = learning_rate_schedule(opt, num_steps)
   if opt.name == 'adamw':
     core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
   else:
-    core = optax.adafactor(lr, weight_decay_rate=opt.weight_decay or None,
-                           weight_decay_mask=decay_mask)
+    core = optax.chain(
+        optax.adafactor(learning_rate=None),   # the descent direction, -u
+        optax.scale(-1.0),                     # u
+        optax.add_decayed_weights(opt.weight_decay, decay_mask),
+        optax.scale_by_learning_rate(lr))      # -lr * (u + wd * p)
   clip = [clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
   return optax.chain(*clip, core)
 

@@ -21,12 +21,14 @@ def model_config(dispatch: str, balance_scope: str = 'group') -> ModelConfig:
       moe_every=1)
 
 
-def build(mesh_shape, dispatch: str, devices=None, balance_scope: str = 'group'):
+def build(mesh_shape, dispatch: str, devices=None, balance_scope: str = 'group',
+          fsdp: bool = False):
   """(Setup, initial TrainState) on a mesh of the given shape."""
   cfg = model_config(dispatch, balance_scope)
   sharding.validate_layout(cfg, mesh_shape, global_batch=GLOBAL_BATCH,
                            seq_len=SEQ_LEN)
-  s = train_lib.setup(cfg, optax.adamw(3e-3), sharding.make_mesh(mesh_shape, devices))
+  s = train_lib.setup(cfg, optax.adamw(3e-3), sharding.make_mesh(mesh_shape, devices),
+                      fsdp=fsdp)
   return s, s.init(jax.random.key(0))
 
 

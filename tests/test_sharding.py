@@ -24,10 +24,10 @@ def _to_np(tree):
 
 
 @functools.cache
-def _grads(mesh_shape, dispatch, balance_scope='group'):
+def _grads(mesh_shape, dispatch, balance_scope='group', fsdp=False):
   """(loss, grads, compiled HLO text, Setup, state) of one train step."""
   devices = jax.devices()[:int(np.prod(mesh_shape))]
-  s, state = sharded_setup.build(mesh_shape, dispatch, devices, balance_scope)
+  s, state = sharded_setup.build(mesh_shape, dispatch, devices, balance_scope, fsdp)
   tokens = jax.device_put(sharded_setup.batches(1)[0], s.batch_sharding)
   compiled = s.loss_and_grads.lower(state, tokens).compile()   # once: run and read
   loss, metrics, grads = compiled(state, tokens)
@@ -65,6 +65,19 @@ def test_batch_balance_scope_on_a_mesh_equals_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads, ref_grads)
   assert abs(loss - _grads((1, 1, 1), 'gather')[0]) > 1e-4
+
+
+def test_fsdp_equals_single_device():
+  """fsdp=True also splits the weights' d_model over `data` (ZeRO-3 style):
+  the step is one device's, and the weights really are split."""
+  loss, grads, _, s, _ = _grads((2, 4, 1), 'gather', fsdp=True)
+  ref_loss, ref_grads, *_ = _grads((1, 1, 1), 'gather')
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, ref_grads)
+  params = s.state_shardings.params
+  assert params['embed'].spec == jax.sharding.PartitionSpec('model', 'data')
+  assert 'data' in params['blocks'][0]['ffn']['w_gate'].spec   # [E, D, F]: D over data
 
 
 def test_capacity_paths_agree_on_one_device():
