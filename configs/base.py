@@ -84,7 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100
   c.optimizer.decay = 'cosine'    # 'cosine', 'linear' or 'constant'
   c.optimizer.min_lr_ratio = 0.1  # final lr / peak lr
-  c.optimizer.weight_decay = 0.1  # not on norms, biases or the router bias
+  c.optimizer.weight_decay = 0.1  # lr * 0.1 * p a step (AdamW and Adafactor);
+                                  # not on norms, biases or the router bias
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.grad_clip = 1.0     # global-norm clipping (0: off)

@@ -609,6 +609,13 @@ class EvalSet(Iterable[EvalBatch]):
     """int32 [tokens]: the document of every target of the set."""
     return self._row_docs.ravel()
 
+  def target_bytes(self, tokenizer: Tokenizer) -> int:
+    """The bytes the set's targets stand for (EOS: none), for bits per byte
+    of exactly what was evaluated."""
+    lengths = np.array([len(tokenizer.token_bytes(i))
+                        for i in range(tokenizer.vocab_size)], np.int64)
+    return int(lengths[self.stream[self._positions.ravel()]].sum())
+
   def __iter__(self) -> Iterator[EvalBatch]:
     lo = self._shard_index * self._batch_size
     for b in range(len(self)):

@@ -443,6 +443,26 @@ def test_eval_set_whole_split(stdlib_cfg):
     data.eval_set(stdlib_cfg, seq_len=255, batch_size=10**5)
 
 
+def test_eval_set_positions_and_target_bytes_of_short_documents():
+  # 40 documents of 9 bytes: 10 tokens each with their EOS, so 10 tokens
+  # per 9 bytes, 11% off the 1.0001 of the stdlib split. (Mutation: bytes
+  # counted as tokens gives 40 more.)
+  docs = [np.append(np.frombuffer(b'abcdefgh\n', np.uint8), EOS) for _ in range(40)]
+  stream = np.concatenate(docs).astype(np.uint16)
+  starts = np.arange(41) * 10
+  es = data.EvalSet(stream, starts, np.arange(400 // 17), 17, True, 2, 0, 1)
+  batches = list(es)
+  positions = np.concatenate([b.positions[b.weights > 0] for b in batches])
+  targets = np.concatenate([b.tokens[:, 1:][b.weights[:2] > 0] for b in batches])
+  np.testing.assert_array_equal(stream[positions], targets)   # positions name the targets
+  np.testing.assert_array_equal(np.concatenate(
+      [b.documents[b.weights > 0] for b in batches]), positions // 10)
+  assert es.tokens == len(targets.ravel()) == 23 * 16
+  n_eos = int(np.sum(targets == EOS))
+  assert es.target_bytes(data.ByteTokenizer()) == es.tokens - n_eos
+  assert es.tokens / es.target_bytes(data.ByteTokenizer()) > 1.1
+
+
 def test_eval_set_sample_is_spread_over_the_split(stdlib_cfg):
   kw = dict(seq_len=255, batch_size=8, shard_index=0, shard_count=1)
   whole = np.concatenate([x.tokens for x in data.eval_set(stdlib_cfg, **kw)])

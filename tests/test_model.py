@@ -9,10 +9,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from moe import layers
+from moe import layers, sharding, train_lib
 from moe.config import ModelConfig, MoeConfig
 from moe.model import Transformer, lm_loss
 from moe.moe_layer import BalanceBias
@@ -207,6 +208,28 @@ def test_model_noise_off_at_eval_and_keyed_in_training():
   assert np.abs(np.asarray(_apply(model, tok, train=True, rng=k2)[0] - tr1)).max() > 1e-4
   with pytest.raises(ValueError, match='rng'):
     _apply(model, tok, train=True)
+
+
+def test_train_step_updates_the_balance_bias_by_its_rule():
+  # Inside the jitted train step, after one step from zero: bias = rate *
+  # sign(mean load - load) with the step's own loads, and the optimizer
+  # never touches it. (Mutation: the sign flipped, or the update left out of
+  # the step, fails here.)
+  cfg = _cfg(moe_every=1, balance_bias_rate=0.01)
+  model = _model(cfg, 7)
+  _, params, extra = nnx.split(model, nnx.Param, ...)
+  tx = optax.with_extra_args_support(optax.adamw(1e-3))
+  s = train_lib.setup(cfg, optax.adamw(1e-3),
+                      sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, extra, tx.init(params))
+  tokens = jnp.asarray(np.random.RandomState(8).randint(0, V, (4, T + 1)), jnp.int32)
+  new, metrics = s.train_step(state, tokens)
+  loads = np.asarray(metrics['router'].expert_load)                     # [L, E]
+  biases = [np.asarray(b[...]) for b in jax.tree.leaves(
+      new.extra, is_leaf=lambda x: isinstance(x, BalanceBias))]
+  assert len(biases) == L and np.abs(loads - loads.mean(1, keepdims=True)).max() > 0
+  for bias, load in zip(biases, loads):
+    np.testing.assert_allclose(bias, 0.01 * np.sign(load.mean() - load), atol=1e-9)
 
 
 def test_model_balance_bias_update_every_moe_layer():
