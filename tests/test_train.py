@@ -28,11 +28,13 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)   # `configs` is a top-level package of the repo
 
 import jax  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from moe import data, eval_lib, routes_report, run_config, train_lib  # noqa: E402
 from moe import metrics as metrics_lib  # noqa: E402
 from moe.checkpoint import Checkpointer, CheckpointError, checkpoint_steps  # noqa: E402
 from moe.config import ConfigError  # noqa: E402
+from moe.model import Transformer  # noqa: E402
 from tiny import loop_settings, read_jsonl, shrink_trunk  # noqa: E402
 
 
@@ -134,6 +136,12 @@ def _check_two_steps(name, c, original, workdir, result):
   assert 0.0 <= result['train']['dropped_fraction'] <= 1.0
 
 
+def _built_param_count(model_config) -> int:
+  """Parameters of the model built with jax.eval_shape (no memory)."""
+  abstract = nnx.eval_shape(lambda: Transformer(model_config, jax.random.key(0)))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
 @pytest.mark.parametrize('name,variant', CASES, ids=[f'{r}:{v}' for r, v in CASES])
 def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, tmp_path):
   original = _recipe(name).get_config(variant)
@@ -142,6 +150,7 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
     run = run_config.validate(original, 1)
     assert run.mesh_shape == (1, 1, 1) and run.model.dtype == 'bfloat16'
     assert 0.2e9 <= run.model.num_params <= 0.8e9, run.model.num_params
+    assert _built_param_count(run.model) == run.model.num_params
     return
   if variant == '1b':
     # Built and validated on an 8-GPU node and a 32-device slice; not trained.
@@ -154,6 +163,8 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
     assert 0.7e9 <= model.num_params <= 1.6e9, (
         f'{name}:1b has {model.num_params / 1e9:.3f}B total parameters, '
         'not ~1B')
+    # The model as built (abstractly: shapes only) has the counted parameters.
+    assert _built_param_count(model) == model.num_params
     return
   # The recipe as shipped validates on the single CPU device it targets.
   with warnings.catch_warnings():
