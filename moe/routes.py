@@ -253,8 +253,10 @@ def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
       best_ctx = np.argsort(-key_counts, kind='stable')[:top]
       share = counts[:, x] / max(counts[:, x].sum(), 1)
       # The category it takes most often relative to the category's share
-      # of all tokens (among categories with >= 20 of its tokens).
-      lift = share / np.maximum(cat_tokens / len(cat), 1e-12) * (counts[:, x] >= 20)
+      # of all tokens, among categories with >= 20 of its tokens and >= 0.1%
+      # of all (not the 35 EOS of a split).
+      lift = (share / np.maximum(cat_tokens / len(cat), 1e-12)
+              * (counts[:, x] >= 20) * (cat_tokens >= 0.001 * len(cat)))
       experts.append({
           'expert': x,
           'load': float(load[x]),
