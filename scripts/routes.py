@@ -21,8 +21,9 @@ from moe import cli, config_flag  # noqa: E402  (--config, --workdir, multi-proc
 
 _STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step to analyse (-1: the latest).')
 _STABILITY = flags.DEFINE_bool(
-    'stability', True, "Also route with every other saved checkpoint: how much "
-    "of the routing each one shares with the analysed step's.")
+    'stability', True, "Also route a quarter of the set (every 4th batch) with "
+    "every other saved checkpoint: how much of the routing each one shares "
+    "with the analysed step's.")
 _LAYER = flags.DEFINE_integer(
     'layer', None, 'MoE layer (0-based among MoE layers) of the coloured code; '
     'default: the one with the highest category/expert NMI.')

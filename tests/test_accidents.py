@@ -125,10 +125,16 @@ def test_holder_notices_a_lost_lock(tmp_path, monkeypatch):
   lock = run_lock.RunLock(str(tmp_path), 'me')
   assert lock.acquire() is None and lock.check() is None
   beat = lock.read()['heartbeat']
-  time.sleep(0.3)
+  deadline = time.monotonic() + 30     # a loaded machine may delay the thread
+  while lock.read()['heartbeat'] <= beat and time.monotonic() < deadline:
+    time.sleep(0.05)
   assert lock.read()['heartbeat'] > beat   # renewed
-  (tmp_path / 'LOCK').write_text(json.dumps(_record()))
-  time.sleep(0.3)
+  # The new holder's record, replaced whole as run_lock writes it (a
+  # truncate-then-write could be read half-written: a garbled record).
+  (tmp_path / 'LOCK.new').write_text(json.dumps(_record()))
+  os.replace(tmp_path / 'LOCK.new', tmp_path / 'LOCK')
+  while lock.check() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
   assert re.search(r'was taken over \(host another-host, pid 1, .*command: train.py\)',
                    lock.check())
   lock.release()
