@@ -64,7 +64,8 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
   if layer is not None and not 0 <= layer < num_layers:
     raise ConfigError(f'layer={layer} is not an MoE layer index; the model '
                       f'has {num_layers} MoE layers: 0..{num_layers - 1}.')
-  labeller = tc.get(categories or default_categories(r.run.data.name))
+  categories = categories or default_categories(r.run.data.name)
+  labeller = tc.get(categories)
   step = eval_lib.checkpoint_step(r, step, workdir)
   eval_set = data.eval_set(
       r.run.data, seq_len=config.seq_len,
@@ -95,7 +96,7 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
   result.update(
       step=step, router=router, top_k=model.moe.top_k,
       moe_blocks=[i for i in range(model.num_layers) if model.is_moe_layer(i)],
-      categories_labeller=categories or default_categories(r.run.data.name),
+      categories_labeller=categories,
       eval_set={'whole_split': eval_set.whole_split,
                 'tokens': eval_set.tokens, 'documents': eval_set.documents},
       stability=unchanged, code_layer=layer)
