@@ -28,7 +28,8 @@ setup(
         'matplotlib>=3.8',
     ],
     extras_require={
-        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'tensorboard>=2.16'],
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'tensorboard>=2.16',
+                 'sentencepiece>=0.2'],   # its tokenizer, end to end
         'tf': ['tensorflow>=2.16'],
         'gcs': ['gcsfs>=2024.2'],   # gs:// workdirs and data_dirs without TensorFlow
     },

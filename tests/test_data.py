@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import sys
+import unittest.mock
 
 import grain
 import jax
@@ -257,9 +258,8 @@ def test_tokenizers(tmp_path):
   ids = tok.encode('héllo')
   assert ids.dtype == np.int32 and ids.max() < 256
   assert tok.decode(np.append(ids, EOS)) == 'héllo'.encode()
-  try:
-    import sentencepiece  # noqa: F401
-  except ImportError:
+  # Without the sentencepiece package (not a dependency of moe): one line.
+  with unittest.mock.patch.dict(sys.modules, {'sentencepiece': None}):
     cfg = data.DataConfig(tokenizer=str(tmp_path / 'spm.model'))
     with pytest.raises(ConfigError, match='pip install sentencepiece'):
       data.get_tokenizer(cfg)
@@ -477,7 +477,6 @@ def test_eval_set_sample_is_spread_over_the_split(stdlib_cfg):
   assert sample.documents >= 10
   # A split too large to hold in memory: whole documents in a fixed order.
   big = dataclasses.replace(stdlib_cfg, row_shuffle='window')
-  import unittest.mock
   with unittest.mock.patch.object(data, 'GLOBAL_SHUFFLE_MAX_BYTES', 1 << 10):
     drawn = [data.eval_set(big, max_batches=3, **kw) for _ in range(2)]
   for x, y in zip(*drawn, strict=True):
@@ -486,7 +485,14 @@ def test_eval_set_sample_is_spread_over_the_split(stdlib_cfg):
   assert drawn[0].documents >= 2
 
 
-def test_unigram_entropy(corpus, stdlib_cfg):
+def test_unigram_entropy(corpus, stdlib_cfg, tmp_path):
+  # In closed form: every document is b'aab', so a token is 'a' (1/2), 'b'
+  # (1/4) or EOS (1/4): 1.5 ln 2 nats, whichever documents are in train.
+  _write_corpus(str(tmp_path / 'aab'), {f'd{i}.txt': b'aab' for i in range(12)})
+  aab = data.DataConfig(name='text_files', text_files=str(tmp_path / 'aab'),
+                        data_dir=str(tmp_path / 'tfds'))
+  assert data.unigram_entropy(aab) == pytest.approx(1.5 * np.log(2), rel=1e-12)
+  # Counted from the raw bytes of the records, without the tokenizer.
   cfg, _ = corpus
   counts = np.zeros(384)
   for ex in data.prepare(cfg).as_data_source('train'):

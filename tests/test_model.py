@@ -122,6 +122,45 @@ def test_forward_flops_match_xla_cost_analysis():
   assert 1.0 <= xla / model_flops < 1.10
 
 
+@pytest.mark.parametrize('dispatch', ['gather', 'einsum'])
+def test_moe_forward_flops_match_xla_cost_analysis(dispatch):
+  """MoE model forward: XLA's flop count vs flops_per_token / 3 * tokens,
+  which counts the router and the k active experts of every token.
+
+  What XLA runs beyond the model FLOPs, added to the reference:
+    * the masked half of attention (as in the dense test above);
+    * capacity padding: the experts run on all E x C buffer slots of each
+      group, not only on the k x S routed choices (here C = ceil(1.25 * 2 *
+      32 / 32) = 3: 96 slots for 64 choices);
+    * for the one-hot einsum dispatch, its dispatch and combine matmuls
+      (2 x 2 x S x E x C x D per group), which the gather dispatch does not do.
+  The router is 9% of the model FLOPs here (E = 32 experts of width 16 at
+  d_model 256), more than the 5% allowed for elementwise work. Measured
+  ratio: 1.035 gather, 1.016 einsum; without the router in
+  `num_active_params` (mutation) 1.14 and 1.08."""
+  t, b = 16, 4
+  m = MoeConfig(num_experts=32, top_k=2, expert_dim=16, group_size=2 * t,
+                eval_capacity_factor=1.25, min_capacity=1, dispatch=dispatch)
+  cfg = ModelConfig(vocab_size=V, d_model=256, num_layers=2, num_heads=2, head_dim=16,
+                    mlp_dim=160, max_seq_len=t, moe=m, moe_every=1)
+  model = nnx.eval_shape(lambda: Transformer(cfg, jax.random.key(0)))
+  graphdef, state = nnx.split(model)
+  f = lambda state, tok: nnx.merge(graphdef, state)(tok, train=False)[0]
+  cost = jax.jit(f).lower(state, jax.ShapeDtypeStruct((b, t), jnp.int32)).compile()
+  cost = cost.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla = float(cost['flops'])
+
+  tokens, layers, d = b * t, cfg.num_layers, cfg.d_model
+  groups, c = tokens // m.group_size, m.capacity(m.group_size, train=False)
+  assert c == 3
+  model_flops = cfg.flops_per_token(t) / 3 * tokens
+  masked_half = tokens * 2 * layers * cfg.num_heads * cfg.head_dim * t
+  padding = layers * (groups * m.num_experts * c - m.top_k * tokens) * 2 * 3 * d * m.expert_dim
+  one_hot = layers * 2 * 2 * tokens * m.num_experts * c * d if dispatch == 'einsum' else 0
+  assert 1.0 <= xla / (model_flops + masked_half + padding + one_hot) < 1.05
+
+
 # --- Forward, loss ------------------------------------------------------------------
 
 def test_forward_shapes_and_stats():
@@ -242,6 +281,10 @@ def test_model_balance_bias_update_every_moe_layer():
 
 
 def test_bfloat16_model_runs_with_float32_router_and_logits():
+  """The same weights in bfloat16: the same routing here, and logits within
+  bf16 rounding. Measured: every token takes the same expert, the largest
+  logit difference is 0.38% of the largest logit, the aux losses agree to
+  7e-5 (relative); bounds 1% and 1e-3."""
   cfg = _cfg(moe_every=1, eval_capacity_factor=4.0)
   m32 = _model(cfg, 6)
   m16 = _model(dataclasses.replace(cfg, dtype='bfloat16'), 6)
@@ -249,8 +292,9 @@ def test_bfloat16_model_runs_with_float32_router_and_logits():
   (l32, s32), (l16, s16) = _apply(m32, tok), _apply(m16, tok)
   assert l16.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(l16)))
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(s16))
-  assert np.abs(np.asarray(l16 - l32)).max() < 0.1 * np.abs(np.asarray(l32)).max()
-  np.testing.assert_allclose(s16.aux_loss, s32.aux_loss, rtol=0.05)
+  np.testing.assert_array_equal(s16.expert_load, s32.expert_load)
+  assert np.abs(np.asarray(l16 - l32)).max() < 0.01 * np.abs(np.asarray(l32)).max()
+  np.testing.assert_allclose(s16.aux_loss, s32.aux_loss, rtol=1e-3)
 
 
 def test_remat_gives_the_same_loss_and_gradients():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import routing
 from moe.config import ConfigError, ModelConfig, MoeConfig
 from moe.layers import swiglu
 from moe.moe_layer import BalanceBias, MoeFeedForward, from_groups, to_groups
@@ -243,30 +242,36 @@ def test_router_gets_gradients_through_gates_and_aux_loss():
 
 # --- Capacity: train vs eval -----------------------------------------------------------------
 
-def test_train_and_eval_capacity_factors(monkeypatch):
-  seen = []
-  real_route = routing.route
-
-  def spy(logits, cfg, capacity, bias=None):
-    seen.append(capacity)
-    return real_route(logits, cfg, capacity, bias)
-  monkeypatch.setattr(routing, 'route', spy)
+def test_train_and_eval_capacity_factors():
+  """Capacity read from what the layer keeps: every token of a group of 20
+  is sent to expert 0 (positive inputs, a router that scores only expert 0),
+  so expert 0 keeps exactly C tokens and the dropped fraction is 1 - C/20.
+  (Mutation: the eval factor used in training, or C one slot off, changes
+  the fraction by >= 0.05.)"""
   layer = _layer(num_experts=4, top_k=1, group_size=20,
                  train_capacity_factor=0.5, eval_capacity_factor=3.0)
+  # With the drawn router, the dropped fraction at train capacity C=3
+  # matches the oracle's count.
   x = _normal(10, 4, 5, 11)
   _, s_train = _apply(layer, x, train=True)
-  _, s_eval = _apply(layer, x, train=False)
-  assert seen == [3, 15]            # ceil(0.5*20/4), ceil(3*20/4)
-  # An explicit factor overrides both; 'dropless' drops nothing.
-  _apply(layer, x, train=True, capacity_factor=1.0)
-  _, s_dropless = _apply(layer, x, train=True, capacity_factor='dropless')
-  assert seen[2] == 5 and seen[3] == 20           # dropless: C = S
-  assert float(s_dropless.dropped_fraction) == 0.0
-  assert float(s_train.dropped_fraction) > float(s_eval.dropped_fraction)
-  # Dropped fraction at train capacity C=3 matches the oracle's count.
   asg = oracle.assign_tokens_choose(
       oracle.probs_of(to_groups(x, 4), layer.w_router[...]), 1, 3)
   np.testing.assert_allclose(s_train.dropped_fraction, 1 - asg.kept.mean(), rtol=1e-6)
+
+  router = np.zeros((11, 4), np.float32)
+  router[:, 0] = 1.0
+  layer.w_router[...] = jnp.asarray(router)
+  x = jnp.abs(x)                                     # 20 tokens: one group
+
+  def dropped(**kw):
+    _, stats = _apply(layer, x, **kw)
+    np.testing.assert_array_equal(np.asarray(stats.expert_load), [1, 0, 0, 0])
+    return float(stats.dropped_fraction)
+  assert dropped(train=True) == pytest.approx(1 - 3 / 20)     # C = ceil(0.5*20/4)
+  assert dropped(train=False) == pytest.approx(1 - 15 / 20)   # C = ceil(3*20/4)
+  # An explicit factor overrides both; 'dropless' (C = S) drops nothing.
+  assert dropped(train=False, capacity_factor=1.0) == pytest.approx(1 - 5 / 20)
+  assert dropped(train=True, capacity_factor='dropless') == 0.0
 
 
 # --- Shared experts ---------------------------------------------------------------------------

@@ -625,6 +625,29 @@ def test_checkpoint_of_another_row_order_is_refused(expert4_run, tmp_path, monke
   assert checkpoint_steps(workdir) == [2] and not tmp_dirs(workdir)
 
 
+def test_checkpoint_of_another_process_count_is_refused(expert4_run, tmp_path, monkeypatch):
+  """A checkpoint written by two processes holds two data positions; one
+  process cannot continue both shards' orders: one CheckpointError, before
+  compilation, that says how many processes to resume with."""
+  c, source = expert4_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  item = os.path.join(workdir, 'checkpoints', '2', 'data', 'metadata')
+  with open(item) as f:
+    data_state = json.load(f)
+  (own,) = data_state['iterators']
+  data_state['iterators'] = [own, own]
+  with open(item, 'w') as f:
+    json.dump(data_state, f)
+  _no_compile(monkeypatch)
+  with pytest.raises(CheckpointError) as e:
+    train_lib.train(c.copy_and_resolve_references(), workdir)
+  msg = str(e.value)
+  assert ('checkpoint step 2 was written by 2 process(es) and this run has 1' in msg
+          and 'Resume with 2 process(es).' in msg), msg
+  assert checkpoint_steps(workdir) == [2] and not tmp_dirs(workdir)
+
+
 # --- 7. Damaged checkpoints --------------------------------------------------------------
 
 def _damage(step_dir, how):

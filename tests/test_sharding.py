@@ -37,11 +37,14 @@ def _grads(mesh_shape, dispatch, balance_scope='group', fsdp=False):
   return float(loss), _to_np(grads), hlo, s, state
 
 
-# Every mesh for the paths with their own all-to-all (gather, dropless);
-# the one-hot einsum path, whose all-to-all the compiler inserts from the
-# same sharding constraints, on the data x expert and the three-axis mesh.
-MESH_CASES = [(m, d) for d in ('gather', 'dropless') for m in MESHES[1:]] + [
-    ((2, 4, 1), 'einsum'), ((2, 2, 2), 'einsum')]
+# Every mesh for the gather path (the default, with its own all-to-all);
+# the dropless path (its own all-to-all as well) on the
+# expert-only and the three-axis mesh; the one-hot einsum path, whose
+# all-to-all the compiler inserts from the same sharding constraints, on the
+# data x expert and the three-axis mesh.
+MESH_CASES = ([(m, 'gather') for m in MESHES[1:]]
+              + [((1, 8, 1), 'dropless'), ((2, 2, 2), 'dropless')]
+              + [((2, 4, 1), 'einsum'), ((2, 2, 2), 'einsum')])
 assert {d for _, d in MESH_CASES} == set(DISPATCHES)
 
 
