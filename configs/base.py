@@ -90,8 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.grad_clip = 1.0     # global-norm clipping (0: off)
 
-  # Mesh: (data, expert, model); -1 = the rest of the devices.
+  # Mesh: (data, expert, model) inside one domain (a GPU node, a TPU slice);
+  # -1 = the rest of the domain's devices. dcn_mesh: domains per axis across
+  # the slow network (the whole mesh is mesh x dcn_mesh); data goes across.
   c.mesh = (1, -1, 1)
+  c.dcn_mesh = (1, 1, 1)
   c.fsdp = False                  # shard weights' d_model over `data`
 
   # Loop.

@@ -20,6 +20,13 @@ Variants (`--config configs/switch.py:VARIANT`):
        TPU v5p-32 slice or one 8xH100/H200 node; needs a real corpus:
          python train.py --config configs/switch.py:1b --workdir gs://B/switch1b \\
            --config.data.name=c4/en --config.data.data_dir=gs://B/tfds
+  1b_4nodes  the 1b model on 4 nodes x 8 GPUs: experts inside each node
+       (mesh (1, 8, 1): the all-to-all on NVLink), data across the nodes
+       (dcn_mesh (4, 1, 1): only the gradient all-reduce on InfiniBand);
+       scripts/plan.py --config configs/switch.py:1b_4nodes shows the split:
+         scripts/launch_slurm.sh --nodes=4 --gpus_per_node=8 --workdir=/shared/runs/s1b \\
+           --data_dir=/shared/tfds -- --config configs/switch.py:1b_4nodes \\
+           --config.data.name=c4/en
   1b_fsdp  the 1b model on 32 or more devices with 8-way expert parallelism
        and data over the rest (mesh (-1, 8, 1)), its weights' d_model also
        sharded over `data` (fsdp=True, ZeRO-3 style): parameters and Adam
@@ -47,15 +54,18 @@ def get_config(arg: str = 'cpu'):
     c.checkpoint_every = 200
   elif arg == 'gpu':
     one_gpu(c)
-  elif arg in ('1b', '1b_fsdp'):
+  elif arg in ('1b', '1b_4nodes', '1b_fsdp'):
     real_scale(c)
     c.moe.num_experts = 32
+    if arg == '1b_4nodes':
+      c.mesh = (1, 8, 1)
+      c.dcn_mesh = (4, 1, 1)
     if arg == '1b_fsdp':
       c.mesh = (-1, 8, 1)
       c.fsdp = True
   else:
     raise ValueError(f"unknown variant {arg!r} of configs/switch.py; choose 'cpu', "
-                     "'gpu', '1b' or '1b_fsdp'.")
+                     "'gpu', '1b', '1b_4nodes' or '1b_fsdp'.")
   return c
 
 

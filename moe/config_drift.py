@@ -30,7 +30,7 @@ RESTART_KEYS = (
     'num_steps', 'log_every', 'eval_every', 'eval_batches',
     'final_eval_batches', 'checkpoint_every', 'max_to_keep', 'progress_bar',
     'peak_flops_per_device', 'restore_step', 'skip_batches',
-    'restore_fallback', 'nonfinite', 'mesh', 'fsdp', 'init_from',
+    'restore_fallback', 'nonfinite', 'mesh', 'dcn_mesh', 'fsdp', 'init_from',
     'accept_config_change', 'data.data_dir', 'data.read_threads', 'eval.')
 
 

@@ -38,7 +38,7 @@ def prepare(config, workdir: str) -> Restored:
   run = run_config.validate(config, jax.device_count())
   data.check_source(run.data)
   run_dir.check_filesystem(workdir, 'workdir')
-  mesh = sharding.make_mesh(run.mesh_shape)
+  mesh = sharding.make_mesh(run.mesh_shape, dcn_shape=run.dcn_mesh_shape)
   s = setup(run.model, make_optimizer(config.optimizer, config.num_steps), mesh,
             seed=config.seed, fsdp=config.fsdp)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)

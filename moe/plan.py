@@ -44,7 +44,10 @@ dtype; one all-to-all over the `expert` axis sends (ep-1)/ep of it away. A
 train step does four (dispatch and combine forward, their transposes
 backward), the same volume whether `gather` does it explicitly
 (`jax.shard_map`) or `einsum` lets XLA insert it. With expert axis 1 there is
-none.
+none. With a two-level mesh (`config.dcn_mesh`), of the ep - 1 peers a device
+sends to, ep/dcn_e - 1 share its domain and the rest are across the slow
+network: the bytes are split so, and each part gets a time from a declared
+bandwidth (`ICI_GBPS`, `DCN_GBPS`: gigabits per second per device, one way).
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ from moe.config import ModelConfig
 from moe.model import Transformer, lm_loss
 
 F32 = 4
+# Default bandwidths (Gb/s per device, one way): an H100/H200 node's NVLink 4
+# (450 GB/s) and one 400 Gb/s InfiniBand NIC per GPU between nodes. For a
+# TPU v5p: ICI 4,800 Gb/s per chip, and DCN what the hosts' NICs give per chip
+# (scripts/plan.py --ici_gbps / --dcn_gbps; README, "Plan before launch").
+ICI_GBPS = 3600.0
+DCN_GBPS = 400.0
 
 
 @dataclasses.dataclass
@@ -73,11 +82,14 @@ class MoeLayerPlan:
   buffer_shape: tuple[int, int, int, int]  # per device [G_local, E, C, D]
   buffer_bytes: int
   all_to_all_bytes_per_step: int       # sent by one device, forward + backward
+  all_to_all_ici_bytes_per_step: int   # ... of which to peers in its domain
+  all_to_all_dcn_bytes_per_step: int   # ... and to peers in other domains
 
 
 @dataclasses.dataclass
 class Plan:
-  mesh_shape: tuple[int, int, int]
+  mesh_shape: tuple[int, int, int]      # the whole mesh
+  dcn_mesh_shape: tuple[int, int, int]  # domains per axis
   num_devices: int
   num_params: int
   num_active_params: int
@@ -90,6 +102,16 @@ class Plan:
   activation_bytes: int
   batch_bytes: int
   moe_layers: list[MoeLayerPlan]
+  ici_gbps: float                       # declared bandwidths, per device, one way
+  dcn_gbps: float
+
+  @property
+  def all_to_all_seconds(self) -> dict[str, float]:
+    """Estimated all-to-all time per step inside and across domains."""
+    ici = sum(l.all_to_all_ici_bytes_per_step for l in self.moe_layers)
+    dcn = sum(l.all_to_all_dcn_bytes_per_step for l in self.moe_layers)
+    return {'ici': 8 * ici / (self.ici_gbps * 1e9),
+            'dcn': 8 * dcn / (self.dcn_gbps * 1e9)}
 
   @property
   def total_bytes(self) -> int:
@@ -104,6 +126,7 @@ class Plan:
     d = dataclasses.asdict(self)
     d['total_bytes'] = self.total_bytes
     d['flops_per_device_per_step'] = self.flops_per_device_per_step
+    d['all_to_all_seconds'] = self.all_to_all_seconds
     return d
 
 
@@ -191,11 +214,12 @@ def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int,
 
 # --- The plan ---------------------------------------------------------------------------
 
-def _moe_layers(cfg: ModelConfig, mesh_shape, global_batch: int,
+def _moe_layers(cfg: ModelConfig, mesh_shape, dcn_mesh_shape, global_batch: int,
                 seq_len: int) -> list[MoeLayerPlan]:
   if cfg.moe is None:
     return []
   data, expert, _ = mesh_shape
+  expert_in_domain = expert // dcn_mesh_shape[1]
   m = cfg.moe
   spg = m.seqs_per_group(global_batch, seq_len)
   groups = global_batch // spg
@@ -204,18 +228,25 @@ def _moe_layers(cfg: ModelConfig, mesh_shape, global_batch: int,
   c = m.capacity(group_tokens, train=True)
   shape = (g_local, m.num_experts, c, cfg.d_model)
   buf = int(math.prod(shape)) * jnp.dtype(cfg.dtype).itemsize
-  a2a = 4 * buf * (expert - 1) // expert
+  # To each of its ep - 1 peers a device sends 1/ep of its buffers.
+  ici = 4 * buf * (expert_in_domain - 1) // expert
+  dcn = 4 * buf * (expert - expert_in_domain) // expert
   return [MoeLayerPlan(i, m.num_experts, math.ceil(m.num_experts / expert), c,
-                       shape, buf, a2a)
+                       shape, buf, ici + dcn, ici, dcn)
           for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
 
 
-def make_plan(config, num_devices: int | None = None) -> Plan:
-  """The plan of run config `config` on its mesh (`config.mesh`, with -1
-  resolved against `num_devices`, default: the mesh's own product)."""
+def make_plan(config, num_devices: int | None = None, *,
+              ici_gbps: float = ICI_GBPS, dcn_gbps: float = DCN_GBPS) -> Plan:
+  """The plan of run config `config` on its mesh (`config.mesh` x
+  `config.dcn_mesh`, with -1 resolved against `num_devices`, default: the
+  mesh's own product); all-to-all times from the declared bandwidths."""
   from moe import train_lib  # pylint: disable=g-import-not-at-top
+  for name, value in (('ici_gbps', ici_gbps), ('dcn_gbps', dcn_gbps)):
+    if not value > 0:
+      raise ValueError(f'{name}={value}: a bandwidth must be > 0 (Gb/s).')
   if num_devices is None:
-    num_devices = math.prod(int(s) for s in config.mesh)
+    num_devices = math.prod(int(s) for s in (*config.mesh, *config.dcn_mesh))
     if num_devices < 0:
       raise ValueError(f'mesh {tuple(config.mesh)} has a -1: give num_devices.')
   run = run_config.validate(config, num_devices)
@@ -229,7 +260,8 @@ def make_plan(config, num_devices: int | None = None) -> Plan:
   batch_shards = mesh_shape[0] * mesh_shape[1]
   local_batch = config.batch_size // batch_shards
   return Plan(
-      mesh_shape=mesh_shape, num_devices=math.prod(mesh_shape),
+      mesh_shape=mesh_shape, dcn_mesh_shape=run.dcn_mesh_shape,
+      num_devices=math.prod(mesh_shape),
       num_params=cfg.num_params, num_active_params=cfg.num_active_params,
       flops_per_token=cfg.flops_per_token(config.seq_len),
       tokens_per_step=config.batch_size * config.seq_len,
@@ -241,7 +273,9 @@ def make_plan(config, num_devices: int | None = None) -> Plan:
       activation_bytes=activation_bytes(cfg, local_batch, config.seq_len,
                                         mesh_shape[2]),
       batch_bytes=local_batch * (config.seq_len + 1) * 4,
-      moe_layers=_moe_layers(cfg, mesh_shape, config.batch_size, config.seq_len))
+      moe_layers=_moe_layers(cfg, mesh_shape, run.dcn_mesh_shape,
+                             config.batch_size, config.seq_len),
+      ici_gbps=ici_gbps, dcn_gbps=dcn_gbps)
 
 
 def _bytes(n: float) -> str:
@@ -260,9 +294,13 @@ def _count(n: float) -> str:
 
 def format_plan(p: Plan) -> str:
   data, expert, model = p.mesh_shape
+  two_level = math.prod(p.dcn_mesh_shape) > 1
+  domains = (f' = {tuple(s // d for s, d in zip(p.mesh_shape, p.dcn_mesh_shape))} '
+             f'in each of {math.prod(p.dcn_mesh_shape)} domains x dcn_mesh '
+             f'{p.dcn_mesh_shape}' if two_level else '')
   lines = [
-      f'mesh (data={data}, expert={expert}, model={model}): {p.num_devices} devices, '
-      f'{p.local_batch} sequences per device',
+      f'mesh (data={data}, expert={expert}, model={model}){domains}: '
+      f'{p.num_devices} devices, {p.local_batch} sequences per device',
       f'parameters: {_count(p.num_params)} total, {_count(p.num_active_params)} '
       f'active per token',
       f'training FLOPs per token: {_count(p.flops_per_token)} '
@@ -289,6 +327,12 @@ def format_plan(p: Plan) -> str:
     total = sum(l.all_to_all_bytes_per_step for l in p.moe_layers)
     lines.append(f'  all MoE layers: {_bytes(total)} per device per step'
                  + (' (expert axis 1: no all-to-all)' if expert == 1 else ''))
+    seconds = p.all_to_all_seconds
+    for net, gbps, key in (('inside a domain (ICI/NVLink)', p.ici_gbps, 'ici'),
+                           ('across domains (DCN/IB)', p.dcn_gbps, 'dcn')):
+      part = sum(getattr(l, f'all_to_all_{key}_bytes_per_step') for l in p.moe_layers)
+      lines.append(f'    {net:29s} {_bytes(part):>11s}  ~{1e3 * seconds[key]:.2f} ms '
+                   f'per step at {gbps:g} Gb/s')
   return '\n'.join(lines)
 
 
@@ -297,7 +341,7 @@ def compiled_bytes(config) -> dict:
   local devices (compiles; the mesh must fit this machine)."""
   from moe import train_lib  # pylint: disable=g-import-not-at-top
   run = run_config.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(run.mesh_shape)
+  mesh = sharding.make_mesh(run.mesh_shape, dcn_shape=run.dcn_mesh_shape)
   s = train_lib.setup(run.model, train_lib.make_optimizer(config.optimizer,
                                                           config.num_steps),
                       mesh, seed=config.seed, fsdp=config.fsdp)

@@ -24,7 +24,8 @@ NONFINITE = ('skip', 'stop')
 # them; tests/test_reliability.py keeps the two in step).
 TOP_LEVEL_KEYS = (
     'seed', 'model', 'moe', 'data', 'batch_size', 'seq_len', 'num_steps',
-    'restore_step', 'skip_batches', 'init_from', 'optimizer', 'mesh', 'fsdp',
+    'restore_step', 'skip_batches', 'init_from', 'optimizer', 'mesh', 'dcn_mesh',
+    'fsdp',
     'log_every', 'eval_every', 'eval_batches', 'final_eval_batches',
     'checkpoint_every',
     'max_to_keep', 'nonfinite', 'restore_fallback', 'accept_config_change',
@@ -39,7 +40,8 @@ EVAL_KEYS = ('capacity_factors', 'checkpoint_step')
 class Run:
   model: ModelConfig
   data: data.DataConfig
-  mesh_shape: tuple[int, int, int]
+  mesh_shape: tuple[int, int, int]       # the whole mesh: mesh x dcn_mesh
+  dcn_mesh_shape: tuple[int, int, int] = (1, 1, 1)   # domains per axis
 
 
 def _fields(cls, section: ml_collections.ConfigDict, prefix: str) -> dict:
@@ -125,16 +127,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Run:
     run_dir.check_filesystem(config.init_from, 'init_from')
     from moe import upcycle  # pylint: disable=g-import-not-at-top
     upcycle.check_source(config.init_from, model)
-  mesh_shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  dcn_mesh_shape = sharding.resolve_dcn_shape(config.dcn_mesh)
+  mesh_shape = sharding.resolve_layout(config.mesh, dcn_mesh_shape, num_devices)
   sharding.validate_layout(model, mesh_shape, global_batch=config.batch_size,
                            seq_len=config.seq_len)
+  for axis in sharding.spans_domains(dcn_mesh_shape):
+    warnings.warn(
+        f'dcn_mesh {dcn_mesh_shape} puts the {axis} axis across domains '
+        '(nodes or TPU slices): its collectives, the expert all-to-all among '
+        'them, cross the slow network. Prefer data across domains and the '
+        f'{axis} axis inside one (config.mesh).', stacklevel=2)
   if model.moe is not None and model.moe.router == 'experts_choose':
     warnings.warn(
         "moe.router='experts_choose' is NOT causal: each token's routing "
         'depends on later tokens of its group, so this decoder sees the '
         'future during training and cannot be sampled autoregressively.',
         stacklevel=2)
-  return Run(model, data_config(config), mesh_shape)
+  return Run(model, data_config(config), mesh_shape, dcn_mesh_shape)
 
 
 def dense_twins(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:

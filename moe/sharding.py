@@ -10,6 +10,15 @@ Mesh axes: `data`, `expert`, `model`. The batch and the routing groups are
 sharded over (`data`, `expert`): the expert axis doubles as data parallelism
 for the non-expert layers (GShard / t5x). Expert weights are sharded over
 `expert` on their expert dimension and over `model` on their hidden dimension.
+
+Two levels (`make_mesh(..., dcn_shape)`): devices come in domains joined by
+a fast network (a GPU node's NVLink, a TPU slice's ICI); domains are joined
+by a slow one (InfiniBand, DCN). `config.mesh` is the shape inside one
+domain and `config.dcn_mesh` the multiplier across domains, per axis (as
+MaxText's ici_*/dcn_* parallelism): the mesh is their elementwise product.
+The expert all-to-all belongs inside a domain; data parallelism (and FSDP)
+goes across. A domain is a TPU slice, or elsewhere a node: a run of
+consecutive processes (one per node, or one per GPU as Slurm numbers them).
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ from typing import Sequence
 
 import math
 import os
+import warnings
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe.config import ConfigError, ModelConfig
@@ -116,13 +128,119 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, int, int]:
   return shape
 
 
-def make_mesh(shape, devices=None) -> jax.sharding.Mesh:
-  """A (data, expert, model) mesh; axis types are always given explicitly."""
+def resolve_dcn_shape(dcn_shape) -> tuple[int, int, int]:
+  """(data, expert, model) domain counts, each >= 1."""
+  dcn = tuple(dcn_shape)
+  if len(dcn) != 3 or not all(isinstance(s, int) and s >= 1 for s in dcn):
+    raise ConfigError(
+        f'dcn_mesh {dcn} is not valid: give (data, expert, model) numbers of '
+        'domains >= 1 (no -1), e.g. (4, 1, 1) for data across 4 nodes.')
+  return dcn
+
+
+def resolve_layout(shape, dcn_shape, num_devices: int) -> tuple[int, int, int]:
+  """The whole mesh: `shape` inside a domain (its -1 resolved against the
+  devices per domain) times `dcn_shape` across domains, axis by axis."""
+  dcn = resolve_dcn_shape(dcn_shape)
+  domains = math.prod(dcn)
+  if num_devices % domains:
+    raise ConfigError(
+        f'dcn_mesh {dcn} makes {domains} domains, but {num_devices} devices do '
+        f'not divide into {domains} equal domains.')
+  inner = resolve_mesh_shape(shape, num_devices // domains)
+  return tuple(i * d for i, d in zip(inner, dcn))
+
+
+def spans_domains(dcn_shape) -> list[str]:
+  """The collective-heavy axes (`expert`, `model`) a layout puts across
+  domains."""
+  return [a for a, d in zip(MESH_AXES, resolve_dcn_shape(dcn_shape))
+          if a != 'data' and d > 1]
+
+
+def _domains(devices, count: int | None) -> list[int] | None:
+  """The fast-network domain of each device: its TPU slice; elsewhere its
+  node, taken as `count` runs of consecutive processes (one process per
+  node, or one per GPU as Slurm numbers a node's tasks). count=None (a flat
+  mesh): a process is a domain only when it drives several devices; one
+  device per process says nothing about nodes, so None."""
+  if devices[0].platform == 'tpu':
+    return [getattr(d, 'slice_index', 0) or 0 for d in devices]
+  processes = 1 + max(d.process_index for d in devices)
+  if count is None:
+    if processes == 1 or len(devices) == processes:
+      return None
+    return [d.process_index for d in devices]
+  if processes % count:
+    raise ConfigError(
+        f'dcn_mesh asks for {count} domains, but the devices belong to '
+        f'{processes} processes, which do not split into {count} nodes of '
+        f'equal size; use a dcn_mesh whose product divides {processes}.')
+  return [d.process_index // (processes // count) for d in devices]
+
+
+def make_mesh(shape, devices=None, dcn_shape=(1, 1, 1)) -> jax.sharding.Mesh:
+  """A (data, expert, model) mesh of `shape` (the whole mesh, e.g.
+  `Run.mesh_shape`); axis types are always given explicitly.
+
+  With `dcn_shape` (domains per axis) other than all ones, each domain holds
+  one `shape / dcn_shape` block, laid out as
+  `mesh_utils.create_hybrid_device_mesh` does, whose own granules (a process
+  or a TPU slice) cannot express a node of several one-GPU processes. A
+  flat mesh whose expert or model axis crosses domains is built as asked,
+  with a warning."""
   devices = jax.devices() if devices is None else devices
-  shape = resolve_mesh_shape(shape, len(devices))
-  return jax.make_mesh(shape, MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  dcn = resolve_dcn_shape(dcn_shape)
+  if any(s != -1 and s % d for s, d in zip(shape, dcn)):
+    raise ConfigError(f'mesh {tuple(shape)} is not a multiple of dcn_mesh {dcn} '
+                      'axis by axis.')
+  shape = resolve_layout(
+      tuple(s if s == -1 else s // d for s, d in zip(shape, dcn)), dcn, len(devices))
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  if math.prod(dcn) == 1:
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    _warn_if_spanning(mesh)
+    return mesh
+  keys = _domains(devices, math.prod(dcn))
+  by_domain = {}
+  for key, d in sorted(zip(keys, devices), key=lambda kd: (kd[0], kd[1].id)):
+    by_domain.setdefault(key, []).append(d)
+  if len(by_domain) != math.prod(dcn):
+    raise ConfigError(
+        f'dcn_mesh {dcn} asks for {math.prod(dcn)} domains, but the '
+        f'{len(devices)} devices are in {len(by_domain)}; use a dcn_mesh whose '
+        f'product is {len(by_domain)}.')
+  inner = tuple(s // d for s, d in zip(shape, dcn))
+  return jax.sharding.Mesh(hybrid_devices(inner, dcn, list(by_domain.values())),
+                           MESH_AXES, axis_types=axis_types)
+
+
+def hybrid_devices(inner, dcn, domains: list[list]) -> np.ndarray:
+  """The device grid of shape inner x dcn (axis by axis): domain i (of
+  prod(dcn), in row-major order over the dcn grid) holds block i, an
+  `inner`-shaped mesh of its devices."""
+  blocks = np.empty(dcn, dtype=object)
+  for i, members in enumerate(domains):
+    blocks.flat[i] = mesh_utils.create_device_mesh(inner, members)
+  return np.block(blocks.tolist())
+
+
+def _warn_if_spanning(mesh: jax.sharding.Mesh) -> None:
+  """Warns when the expert or model axis of a flat mesh crosses domains."""
+  keys = _domains(list(mesh.devices.flat), None)
+  if keys is None:
+    return
+  domains = np.asarray(keys).reshape(mesh.devices.shape)
+  for i, axis in enumerate(MESH_AXES[1:], start=1):
+    lines = np.moveaxis(domains, i, -1).reshape(-1, mesh.devices.shape[i])
+    if any(len(set(line)) > 1 for line in lines):
+      warnings.warn(
+          f"mesh axis '{axis}' (size {mesh.shape[axis]}) spans "
+          f'{len(set(domains.ravel()))} domains (processes of several devices, '
+          'or TPU slices): its collectives, the expert all-to-all among them, '
+          'cross the slow network between them. Keep it inside a domain: '
+          'config.mesh is the shape inside one, config.dcn_mesh puts data '
+          'across domains.', stacklevel=2)
 
 
 def validate_layout(cfg: ModelConfig, mesh_shape, *, global_batch: int,

@@ -358,6 +358,8 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
   run = run_config.validate(config, jax.device_count())
   data.check_source(run.data)   # here, not in validate: a sweep's launcher may lack the data
   run_dir.check_writable(workdir)
+  # The devices' domains (processes, slices) must fit the two-level layout.
+  mesh = sharding.make_mesh(run.mesh_shape, dcn_shape=run.dcn_mesh_shape)
   command = command or ' '.join(sys.argv)
   lock = run_lock.RunLock(workdir, command)
   notice = _refused_by_any(
@@ -369,7 +371,7 @@ def train(config, workdir: str, *, command: str | None = None) -> dict:
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
                         max_to_keep=config.max_to_keep)
     try:
-      return _train(config, run, workdir, command, ckpt, lock)
+      return _train(config, run, mesh, workdir, command, ckpt, lock)
     finally:
       ckpt.close()   # waits for the last save
   finally:
@@ -419,16 +421,15 @@ def _record_start(workdir: str, config_json: dict, command: str,
   run_dir.append_text(workdir, 'starts.jsonl', json.dumps(line) + '\n')
 
 
-def _train(config, run: run_config.Run, workdir: str, command: str,
-           ckpt: Checkpointer, lock: run_lock.RunLock) -> dict:
+def _train(config, run: run_config.Run, mesh: jax.sharding.Mesh, workdir: str,
+           command: str, ckpt: Checkpointer, lock: run_lock.RunLock) -> dict:
   cfg, steps = run.model, config.num_steps
   config_json = json.loads(config.to_json_best_effort())
   at_most, resume_step = _resume_point(config, ckpt)
   changes = _check_config_drift(config_json, ckpt, resume_step,
                                 config.accept_config_change)
 
-  # --- Mesh, model and optimizer; disk space for the checkpoints ----------------
-  mesh = sharding.make_mesh(run.mesh_shape)
+  # --- Model and optimizer; disk space for the checkpoints ----------------------
   tx = make_optimizer(config.optimizer, steps)
   lr = learning_rate_schedule(config.optimizer, steps)
   s = setup(cfg, tx, mesh, seed=config.seed, fsdp=config.fsdp)

@@ -5,10 +5,13 @@
 #
 #   scripts/launch_slurm.sh --nodes=4 --gpus_per_node=8 --partition=gpu --time=24:00:00 \
 #       --workdir=/shared/runs/gshard --data_dir=/shared/tfds \
-#       -- --config configs/gshard.py:1b --config.mesh='(4,8,1)'
+#       -- --config configs/gshard.py:1b --config.mesh='(1,8,1)'
 #
-# Everything after `--` goes to train.py (and eval.py) as it is. The script
-# is written to WORKDIR/launch.sbatch and submitted with sbatch.
+# Everything after `--` goes to train.py (and eval.py) as it is. Nodes are
+# the mesh's domains: it adds --config.dcn_mesh='(NODES,1,1)', so
+# config.mesh is the shape inside one node (experts on NVLink) and data goes
+# across nodes (give --config.dcn_mesh yourself for another split). The
+# script is written to WORKDIR/launch.sbatch and submitted with sbatch.
 # Options (all --name=value):
 #   --workdir=DIR          the run, on a filesystem every node shares (required)
 #   --data_dir=DIR         TFDS data_dir (shared; default: the config's)
@@ -73,7 +76,11 @@ done
 ((${#ARGS[@]})) || die 'give train.py arguments after --, e.g. -- --config configs/gshard.py:1b'
 [[ "$JOB_NAME" =~ ^[A-Za-z0-9_.,=+-]+$ ]] || die "--job_name=$JOB_NAME: use letters, digits and _.,=+-"
 
-RUN_ARGS=("${ARGS[@]}" "--workdir=$WORKDIR")
+RUN_ARGS=("${ARGS[@]}")
+if ! printf '%s\n' "${ARGS[@]}" | grep -q '^--config\.dcn_mesh'; then
+  RUN_ARGS+=("--config.dcn_mesh=($NODES,1,1)")
+fi
+RUN_ARGS+=("--workdir=$WORKDIR")
 [[ -n "$DATA_DIR" ]] && RUN_ARGS+=("--config.data.data_dir=$DATA_DIR")
 if [[ "$PER" == gpu ]]; then TASKS=$GPUS; else TASKS=1; fi
 

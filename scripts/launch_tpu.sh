@@ -7,9 +7,18 @@
 #       --workdir=gs://BUCKET/runs/switch1b --data_dir=gs://BUCKET/tfds \
 #       -- --config configs/switch.py:1b --config.data.name=c4/en
 #
-# Everything after `--` goes to train.py (and eval.py) as it is.
+#   scripts/launch_tpu.sh --tpu=my-qr --num_slices=2 --zone=us-east5-a \
+#       --workdir=gs://BUCKET/runs/switch1b --data_dir=gs://BUCKET/tfds \
+#       -- --config configs/switch.py:1b --config.data.name=c4/en --config.mesh='(1,-1,1)'
+#
+# Everything after `--` goes to train.py (and eval.py) as it is. With
+# --num_slices=N > 1 (Multislice: TPU is then a queued resource of N slices),
+# it runs on every worker of every slice and adds --config.dcn_mesh='(N,1,1)':
+# config.mesh is the shape inside one slice (experts on its ICI), data goes
+# across slices over DCN (give --config.dcn_mesh yourself for another split).
 # Options (all --name=value):
-#   --tpu=NAME --zone=ZONE      the slice (required)
+#   --tpu=NAME --zone=ZONE      the slice, or the queued resource (required)
+#   --num_slices=N              slices of a Multislice queued resource (default 1)
 #   --project=PROJECT           gcloud project (default: gcloud's)
 #   --workdir=gs://...          the run (required; gs:// so every worker and
 #                               every restart sees the same checkpoints)
@@ -28,12 +37,13 @@ set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"   # usage, die, q, join_quoted
 
-TPU='' ZONE='' PROJECT='' WORKDIR='' DATA_DIR='' REPO_DIR='moe' PYTHON='python3'
+TPU='' ZONE='' PROJECT='' WORKDIR='' DATA_DIR='' REPO_DIR='moe' PYTHON='python3' SLICES=1
 SETUP='' EVAL=0 DRY_RUN="${DRY_RUN:-0}"
 while (($#)); do
   case "$1" in
     --tpu=*) TPU="${1#*=}" ;;
     --zone=*) ZONE="${1#*=}" ;;
+    --num_slices=*) SLICES="${1#*=}" ;;
     --project=*) PROJECT="${1#*=}" ;;
     --workdir=*) WORKDIR="${1#*=}" ;;
     --data_dir=*) DATA_DIR="${1#*=}" ;;
@@ -59,14 +69,25 @@ for a in "${ARGS[@]}"; do
 done
 ((${#ARGS[@]})) || die 'give train.py arguments after --, e.g. -- --config configs/switch.py:1b'
 
-RUN_ARGS=("${ARGS[@]}" "--workdir=$WORKDIR" "--config.data.data_dir=$DATA_DIR")
+[[ "$SLICES" =~ ^[1-9][0-9]*$ ]] || die "--num_slices=$SLICES must be a positive integer"
+
+RUN_ARGS=("${ARGS[@]}")
+if ((SLICES > 1)) && ! printf '%s\n' "${ARGS[@]}" | grep -q '^--config\.dcn_mesh'; then
+  RUN_ARGS+=("--config.dcn_mesh=($SLICES,1,1)")
+fi
+RUN_ARGS+=("--workdir=$WORKDIR" "--config.data.data_dir=$DATA_DIR")
 REMOTE="cd $(q "$REPO_DIR")"
 [[ -n "$SETUP" ]] && REMOTE+=" && $SETUP"
 REMOTE+=" && $(join_quoted "$PYTHON" train.py "${RUN_ARGS[@]}")"
 ((EVAL)) && REMOTE+=" && $(join_quoted "$PYTHON" eval.py "${RUN_ARGS[@]}")"
 
-CMD=(gcloud compute tpus tpu-vm ssh "$TPU" "--zone=$ZONE")
+if ((SLICES > 1)); then
+  CMD=(gcloud compute tpus queued-resources ssh "$TPU" "--zone=$ZONE")
+else
+  CMD=(gcloud compute tpus tpu-vm ssh "$TPU" "--zone=$ZONE")
+fi
 [[ -n "$PROJECT" ]] && CMD+=("--project=$PROJECT")
+((SLICES > 1)) && CMD+=(--node=all)
 CMD+=(--worker=all "--command=$REMOTE")
 
 if ((DRY_RUN)); then

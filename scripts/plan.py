@@ -1,13 +1,15 @@
 """Pre-flight plan of a config on a target mesh; trains nothing.
 
   python scripts/plan.py --config configs/switch.py:1b --mesh=4,8,1
+  python scripts/plan.py --config configs/switch.py:multinode    # 4 nodes x 8 GPUs
   python scripts/plan.py --config configs/gshard.py:cpu --config.moe.num_experts=16 \\
       --mesh=1,8,1 --check          # also compile here and print XLA's figure
 
 Prints total and active parameters, training FLOPs per token, per-device
 bytes of parameters, optimizer state, gradients and activations, and the
-all-to-all bytes per step of each MoE layer (moe/plan.py says how each is
-computed). The mesh may be larger than this machine: nothing is allocated.
+all-to-all bytes per step of each MoE layer, split into traffic inside a
+domain (node, slice) and across domains with an estimated time for each
+(moe/plan.py says how each is computed). The mesh may be larger than this machine: nothing is allocated.
 Exits 1 with the reason when the layout does not fit the mesh.
 """
 
@@ -28,6 +30,15 @@ _CONFIG = config_flag.define(
 _MESH = flags.DEFINE_string(
     'mesh', None, 'Target mesh "data,expert,model", e.g. 4,8,1 (default: '
     'config.mesh).')
+_DCN_MESH = flags.DEFINE_string(
+    'dcn_mesh', None, 'Domains (nodes, TPU slices) per axis "data,expert,model", '
+    'e.g. 4,1,1; the whole mesh is mesh x dcn_mesh (default: config.dcn_mesh).')
+_ICI_GBPS = flags.DEFINE_float(
+    'ici_gbps', None, 'Bandwidth inside a domain, Gb/s per device one way '
+    '(default moe.plan.ICI_GBPS: H100/H200 NVLink 4, 450 GB/s; TPU v5p ICI: 4800).')
+_DCN_GBPS = flags.DEFINE_float(
+    'dcn_gbps', None, 'Bandwidth across domains, Gb/s per device one way '
+    '(default moe.plan.DCN_GBPS: one 400 Gb/s InfiniBand NIC per GPU).')
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'Devices of the target, to resolve a -1 in the mesh '
     '(default: the mesh product, or this machine\'s device count).')
@@ -53,10 +64,14 @@ def main(argv):
   config = _CONFIG.value
   if _MESH.value:
     config.mesh = parse_mesh(_MESH.value)
+  if _DCN_MESH.value:
+    config.dcn_mesh = parse_mesh(_DCN_MESH.value)
   num_devices = _NUM_DEVICES.value
   if num_devices is None and -1 in tuple(int(s) for s in config.mesh):
     num_devices = jax.device_count()
-  p = plan.make_plan(config, num_devices)
+  bandwidths = {k: v for k, v in (('ici_gbps', _ICI_GBPS.value),
+                                  ('dcn_gbps', _DCN_GBPS.value)) if v is not None}
+  p = plan.make_plan(config, num_devices, **bandwidths)
   print(plan.format_plan(p))
   if _CHECK.value:
     m = plan.compiled_bytes(config)

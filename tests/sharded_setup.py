@@ -1,6 +1,8 @@
 """The small MoE model, optimizer and batches shared by the sharding tests
 and the multi-process worker (prime-ish sizes to ease shape tracing)."""
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -22,13 +24,14 @@ def model_config(dispatch: str, balance_scope: str = 'group') -> ModelConfig:
 
 
 def build(mesh_shape, dispatch: str, devices=None, balance_scope: str = 'group',
-          fsdp: bool = False):
-  """(Setup, initial TrainState) on a mesh of the given shape."""
+          fsdp: bool = False, dcn_shape=(1, 1, 1)):
+  """(Setup, initial TrainState) on a mesh of the given (whole) shape, with
+  `dcn_shape` domains per axis."""
   cfg = model_config(dispatch, balance_scope)
   sharding.validate_layout(cfg, mesh_shape, global_batch=GLOBAL_BATCH,
                            seq_len=SEQ_LEN)
-  s = train_lib.setup(cfg, optax.adamw(3e-3), sharding.make_mesh(mesh_shape, devices),
-                      fsdp=fsdp)
+  mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
+  s = train_lib.setup(cfg, optax.adamw(3e-3), mesh, fsdp=fsdp)
   return s, s.init(jax.random.key(0))
 
 
@@ -36,3 +39,36 @@ def batches(steps: int = 3):
   rng = np.random.default_rng(7)
   return [rng.integers(0, 128, (GLOBAL_BATCH, SEQ_LEN + 1), dtype=np.int32)
           for _ in range(steps)]
+
+
+# --- Reading a compiled step's all-to-alls -------------------------------------
+
+_ITEMSIZE = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1}
+_A2A = re.compile(r'= (.*?) all-to-all(?:-start)?\(.*?replica_groups=(\{\{[\d,{}]*\}\}|'
+                  r'\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)')
+
+
+def _groups(text: str) -> list[list[int]]:
+  """HLO replica groups, listed ({{0,1},{2,3}}) or as an iota
+  ([2,2]<=[4] or [2,2]<=[2,2]T(1,0)), as lists of partition ids."""
+  if text.startswith('{'):
+    return [[int(i) for i in g.split(',')] for g in re.findall(r'\{([\d,]+)\}', text)]
+  shape, dims, perm = re.fullmatch(
+      r'\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', text).groups()
+  ints = lambda s: [int(i) for i in s.split(',')]
+  ids = np.arange(int(np.prod(ints(dims)))).reshape(ints(dims))
+  if perm:
+    ids = ids.transpose(ints(perm))
+  return ids.reshape(ints(shape)).tolist()
+
+
+def all_to_alls(hlo: str) -> list[tuple[int, list[list[int]]]]:
+  """(bytes one device hands to the op, replica groups) of every all-to-all
+  of a compiled HLO module; a device sends 1/len(group) of its bytes to each
+  member of its group (itself included)."""
+  out = []
+  for result, groups in _A2A.findall(hlo):
+    nbytes = sum(_ITEMSIZE[dtype] * int(np.prod([int(n) for n in dims.split(',') if n]))
+                 for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', result))
+    out.append((nbytes, _groups(groups)))
+  return out

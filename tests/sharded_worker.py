@@ -1,12 +1,19 @@
 """One process of a multi-process run (tests/test_sharding.py starts two).
 
-Each process owns 4 CPU devices; together they form one (data=2, expert=4)
-mesh. Every process feeds only its own rows of the global batch.
+Each process owns 4 CPU devices and is one domain of a two-level mesh: data
+across the two processes (dcn_mesh (2, 1, 1)), experts inside each (mesh
+(1, 4, 1)). Every process feeds only its own rows of the global batch. It
+writes, from process 0: the losses of 3 training steps, the gradients of the
+first batch, and for the two-level mesh and for a flat (1, 8, 1) mesh (the
+expert axis across both processes) the processes in each replica group of
+every all-to-all of the compiled step, with the warnings building each mesh
+gave.
 """
 
 import argparse
 import json
 import os
+import warnings
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
@@ -15,9 +22,27 @@ import jax  # noqa: E402
 jax.config.update('jax_num_cpu_devices', 4)
 
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 from moe import data, sharding  # noqa: E402
 import sharded_setup  # noqa: E402
+
+
+def _built(mesh_shape, dispatch, dcn_shape):
+  """(Setup, state, warnings, processes of each all-to-all replica group)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    s, state = sharded_setup.build(mesh_shape, dispatch, dcn_shape=dcn_shape)
+  tokens = data.global_batch(_rows(sharded_setup.batches(1)[0]), s.batch_sharding)
+  compiled = s.loss_and_grads.lower(state, tokens).compile()
+  devices = s.mesh.devices.flat        # partition id -> device
+  groups = [[[devices[p].process_index for p in g] for g in op_groups]
+            for _, op_groups in sharded_setup.all_to_alls(compiled.as_text())]
+  return s, state, [str(w.message) for w in caught], groups, compiled, tokens
+
+
+def _rows(step_tokens):
+  return np.split(step_tokens, jax.process_count())[jax.process_index()]
 
 
 def main():
@@ -30,15 +55,23 @@ def main():
   a = p.parse_args()
   sharding.init_distributed(a.coordinator, a.num_processes, a.process_id)
   assert jax.process_count() == a.num_processes and len(jax.devices()) == 8
-  s, state = sharded_setup.build((2, 4, 1), a.dispatch)
+  s, state, hybrid_warnings, hybrid_groups, compiled, tokens = _built(
+      (2, 4, 1), a.dispatch, (2, 1, 1))
+  _, _, grads = compiled(state, tokens)
+  grads = {jax.tree_util.keystr(k): np.asarray(multihost_utils.process_allgather(g, tiled=True))
+           for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
   losses = []
   for step_tokens in sharded_setup.batches():
-    rows = np.split(step_tokens, jax.process_count())[jax.process_index()]
-    state, metrics = s.train_step(state, data.global_batch(rows, s.batch_sharding))
+    state, metrics = s.train_step(state, data.global_batch(_rows(step_tokens),
+                                                           s.batch_sharding))
     losses.append(float(metrics['loss']))
+  *_, flat_warnings, flat_groups, _, _ = _built((1, 8, 1), a.dispatch, (1, 1, 1))
   if jax.process_index() == 0:
+    np.savez(a.out + '.grads.npz', **grads)
     with open(a.out, 'w') as f:
-      json.dump({'losses': losses}, f)
+      json.dump({'losses': losses, 'hybrid_warnings': hybrid_warnings,
+                 'hybrid_groups': hybrid_groups, 'flat_warnings': flat_warnings,
+                 'flat_groups': flat_groups}, f)
 
 
 if __name__ == '__main__':

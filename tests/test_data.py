@@ -80,17 +80,22 @@ def test_stdlib_builder_reads_back_without_tensorflow(stdlib_cfg, data_dir):
   files = data_builders.stdlib_files()
   expected = data_builders.assign_splits(files)
   paths = {}
+  root = data_builders.stdlib_root()
   for split in ('train', 'validation'):
     assert len(by_name[split]) == len(by_dir[split])
     paths[split] = {ex['path'].decode() for ex in by_dir[split]}
-    # Only empty/whitespace files are left out.
-    assert paths[split] <= set(expected[split])
-    assert len(paths[split]) >= len(expected[split]) - 20
+    # Exactly the split's files with text: only whitespace-only ones are out.
+    with_text = set()
+    for rel in expected[split]:
+      with open(os.path.join(root, rel), 'rb') as f:
+        if f.read().strip():
+          with_text.add(rel)
+    assert paths[split] == with_text
+    assert len(by_dir[split]) == len(with_text)
   assert len(paths['train']) > 1000 and len(paths['validation']) >= 10
   assert not paths['train'] & paths['validation']
   assert not any('site-packages' in p for p in paths['train'])
   ex = by_name['train'][0]
-  root = data_builders.stdlib_root()
   with open(os.path.join(root, ex['path'].decode()), 'rb') as f:
     assert f.read() == ex['text']
   assert 'tensorflow' not in sys.modules

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO, 'scripts', 'launch_tpu.sh')
 SLURM = os.path.join(REPO, 'scripts', 'launch_slurm.sh')
 
-TRAIN_ARGS = ['--config', 'configs/switch.py:1b', '--config.mesh=(2, 8, 1)',
+TRAIN_ARGS = ['--config', 'configs/switch.py:1b', '--config.mesh=(1, 8, 1)',
               "--config.eval.capacity_factors=(1.0, 'dropless')"]
 
 
@@ -45,6 +45,24 @@ def test_tpu_dry_run_prints_the_gcloud_command():
                             '--config.data.data_dir=gs://bkt/tfds'])
   assert shlex.split(train) == ['python3', 'train.py', *expected]
   assert shlex.split(evaluate) == ['python3', 'eval.py', *expected]
+
+
+def test_tpu_multislice_puts_data_across_slices():
+  """--num_slices=2: every worker of every slice of the queued resource,
+  and dcn_mesh (2, 1, 1) unless the arguments give one."""
+  common = ['--tpu=my-qr', '--zone=z', '--num_slices=2', '--workdir=gs://b/w',
+            '--data_dir=gs://b/d', '--dry_run', '--', '--config', 'configs/switch.py:1b']
+  argv = shlex.split(_run(TPU, *common).stdout)
+  assert argv[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'ssh', 'my-qr']
+  assert '--node=all' in argv and '--worker=all' in argv
+  assert shlex.split(_command_option(argv, 'command'))[4:] == [
+      'train.py', '--config', 'configs/switch.py:1b', '--config.dcn_mesh=(2,1,1)',
+      '--workdir=gs://b/w', '--config.data.data_dir=gs://b/d']
+  own = _command_option(shlex.split(_run(TPU, *common, '--config.dcn_mesh=(1,2,1)').stdout),
+                        'command')
+  assert own.count('dcn_mesh') == 1 and "--config.dcn_mesh='(1,2,1)'" in own
+  proc = _run(TPU, *common[:2], '--num_slices=0', *common[3:])
+  assert proc.returncode == 2 and '--num_slices=0 must be a positive integer' in proc.stderr
 
 
 def test_tpu_without_eval_and_env_dry_run():
@@ -103,7 +121,8 @@ def test_slurm_one_task_per_gpu():
   assert f'cd {REPO}' in script and 'source .venv/bin/activate' in script
   assert not any('JAX_LOCAL_DEVICE_IDS' in l and not l.startswith('#') for l in script)
   srun = [shlex.split(l) for l in script if l.startswith('srun ')]
-  expected = TRAIN_ARGS + ['--workdir=/shared/runs/gshard',
+  # Nodes are the mesh's domains: data across the 4 nodes.
+  expected = TRAIN_ARGS + ['--config.dcn_mesh=(4,1,1)', '--workdir=/shared/runs/gshard',
                            '--config.data.data_dir=/shared/tfds']
   assert srun == [['srun', '--kill-on-bad-exit=1', 'python', 'train.py', *expected],
                   ['srun', '--kill-on-bad-exit=1', 'python', 'eval.py', *expected]]
@@ -124,7 +143,8 @@ def test_slurm_one_task_per_node():
     assert f'#SBATCH {line}' in script, line
   assert 'export JAX_LOCAL_DEVICE_IDS=0,1,2,3' in script
   (srun,) = [shlex.split(l) for l in script if l.startswith('srun ')]
-  assert srun[3:] == ['train.py', '--config', 'configs/gshard.py:1b', '--workdir=/s/run']
+  assert srun[3:] == ['train.py', '--config', 'configs/gshard.py:1b',
+                      '--config.dcn_mesh=(2,1,1)', '--workdir=/s/run']
 
 
 def test_slurm_script_is_valid_bash_and_refuses_bad_options(tmp_path):

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -15,7 +16,9 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
+import sharded_setup  # noqa: E402
 from configs import dense as dense_recipe  # noqa: E402
 from configs import switch as switch_recipe  # noqa: E402
 from moe import plan, run_config, sharding, train_lib  # noqa: E402
@@ -106,6 +109,53 @@ def test_plan_for_a_mesh_larger_than_the_machine():
   c1 = c.copy_and_resolve_references()
   c1.mesh = (8, 1, 1)
   assert all(l.all_to_all_bytes_per_step == 0 for l in plan.make_plan(c1).moe_layers)
+
+
+@pytest.mark.parametrize('mesh,dcn_mesh', [((1, 4, 1), (2, 1, 1)), ((2, 2, 1), (1, 2, 1))],
+                         ids=['data_across_domains', 'experts_across_domains'])
+def test_all_to_all_split_matches_the_compiled_step(mesh, dcn_mesh):
+  """The planner's all-to-all bytes inside and across domains vs those of
+  the compiled train step, laid out on two 4-device domains of this
+  machine's 8: for each all-to-all, the share of partition 0's bytes that
+  goes to its group members in its own domain and in the other."""
+  c = _tiny(switch_recipe.get_config('cpu'), mesh, 32)
+  c.dcn_mesh = dcn_mesh
+  across = sharding.spans_domains(dcn_mesh)
+  with pytest.warns(UserWarning, match='puts the expert axis across domains') if across \
+      else warnings.catch_warnings():
+    p = plan.make_plan(c)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    run = run_config.validate(c, jax.device_count())
+  devices = jax.devices()
+  domains = [devices[:4], devices[4:]]
+  grid = sharding.hybrid_devices(mesh, dcn_mesh, domains)
+  m = jax.sharding.Mesh(grid, sharding.MESH_AXES,
+                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps), m)
+  tokens = jax.ShapeDtypeStruct((c.batch_size, c.seq_len + 1), jnp.int32,
+                                sharding=s.batch_sharding)
+  hlo = s.train_step.lower(s.abstract_state, tokens).compile().as_text()
+  domain_of = {d.id: i for i, members in enumerate(domains) for d in members}
+  me, flat = domain_of[grid.flat[0].id], list(grid.flat)
+  inside = outside = 0
+  ops = sharded_setup.all_to_alls(hlo)
+  for nbytes, groups in ops:
+    (group,) = [g for g in groups if 0 in g]
+    same = sum(domain_of[flat[q].id] == me for q in group)
+    inside += nbytes * (same - 1) / len(group)
+    outside += nbytes * (len(group) - same) / len(group)
+  want_ici = sum(l.all_to_all_ici_bytes_per_step for l in p.moe_layers)
+  want_dcn = sum(l.all_to_all_dcn_bytes_per_step for l in p.moe_layers)
+  print(f'{mesh} x {dcn_mesh}: {len(ops)} all-to-alls; inside {inside:.0f} B '
+        f'(plan {want_ici}), across {outside:.0f} B (plan {want_dcn})')
+  assert len(ops) == 4 * len(p.moe_layers)
+  assert inside == pytest.approx(want_ici, rel=0.10)
+  if across:
+    assert outside == pytest.approx(want_dcn, rel=0.10) and outside > 0
+  else:
+    assert outside == want_dcn == 0
+  assert p.all_to_all_seconds['dcn'] == pytest.approx(8 * want_dcn / 400e9)
 
 
 def _plan_py(*args):

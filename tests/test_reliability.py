@@ -542,6 +542,11 @@ BAD_INPUT = {
                            'data.data_dir': '{tmp}/tfds'}, ValueError,
                           [r'text_files=\S+corpus\S* matches no files', 'Pass a directory or a glob']),
     'not_writable_workdir': ({}, ConfigError, [r'workdir .* is not writable']),
+    'dcn_mesh_not_dividing': ({'dcn_mesh': (3, 1, 1)}, ConfigError,
+                              [r'dcn_mesh \(3, 1, 1\) makes 3 domains, but 8 devices']),
+    'dcn_mesh_without_domains': ({'dcn_mesh': (2, 1, 1)}, ConfigError,
+                                 [r'dcn_mesh asks for 2 domains, but the devices belong '
+                                  r'to 1 processes']),
 }
 
 

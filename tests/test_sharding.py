@@ -199,9 +199,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  """2 real processes x 4 CPU devices under jax.distributed == 8 devices here."""
-  port, out = _free_port(), tmp_path / 'losses.json'
+def test_two_processes_two_level_mesh(tmp_path):
+  """2 real processes x 4 CPU devices under jax.distributed, each process a
+  domain: data across them, experts inside (mesh (1, 4, 1) x dcn_mesh
+  (2, 1, 1)). Every all-to-all of the compiled step stays inside a process,
+  and the losses and gradients are those of 8 devices here. A flat (1, 8, 1)
+  mesh, the expert axis across both processes, is built with a warning, and
+  its all-to-alls cross processes."""
+  port, out = _free_port(), tmp_path / 'result.json'
   here = os.path.dirname(__file__)
   env = {**os.environ, 'PYTHONPATH': here + os.pathsep + os.environ.get('PYTHONPATH', '')}
   env.pop('XLA_FLAGS', None)
@@ -212,17 +217,57 @@ def test_two_processes_match_one_process(tmp_path):
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   try:
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
   finally:
     for p in procs:
       p.kill()
   assert all(p.returncode == 0 for p in procs), '\n'.join(l[-3000:] for l in logs)
+  got = json.loads(out.read_text())
 
+  # The layout: every group of every all-to-all within one process; the
+  # flat mesh's groups span both, and its building said so.
+  assert got['hybrid_warnings'] == []
+  assert len(got['hybrid_groups']) == 8          # 4 per MoE layer, 2 layers
+  assert all(len(set(g)) == 1 for op in got['hybrid_groups'] for g in op)
+  assert len(got['flat_groups']) == 8
+  assert all(sorted(set(g)) == [0, 1] for op in got['flat_groups'] for g in op)
+  (warning,) = got['flat_warnings']
+  assert "mesh axis 'expert' (size 8) spans 2 domains" in warning
+
+  # The numbers: those of the same mesh on this process's 8 devices.
   s, state = sharded_setup.build((2, 4, 1), 'gather')
   want = []
   for tokens in sharded_setup.batches():
     state, metrics = s.train_step(state, jax.device_put(tokens, s.batch_sharding))
     want.append(float(metrics['loss']))
-  got = json.loads(out.read_text())['losses']
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got['losses'], want, rtol=1e-5)
   assert len(set(np.round(want, 4))) == len(want)  # the steps really trained
+  grads = np.load(str(out) + '.grads.npz')
+  want_grads = {jax.tree_util.keystr(k): g for k, g in
+                jax.tree_util.tree_flatten_with_path(_grads((2, 4, 1), 'gather')[1])[0]}
+  assert sorted(grads.files) == sorted(want_grads)
+  for k, g in want_grads.items():
+    np.testing.assert_allclose(grads[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_two_level_mesh_layout_and_refusals():
+  """Domain i holds block i of the mesh; a layout that does not fit the
+  devices is refused before anything is built."""
+  devices = jax.devices()
+  grid = sharding.hybrid_devices((1, 2, 1), (2, 2, 1),
+                                 [devices[0:2], devices[2:4], devices[4:6], devices[6:8]])
+  assert grid.shape == (2, 4, 1)
+  np.testing.assert_array_equal(np.vectorize(lambda d: d.id)(grid)[:, :, 0],
+                                [[0, 1, 2, 3], [4, 5, 6, 7]])
+  # One process is one domain: a dcn_mesh of two needs two processes.
+  with pytest.raises(ConfigError, match=r'dcn_mesh asks for 2 domains, but the '
+                     r'devices belong to 1 processes'):
+    sharding.make_mesh((2, 4, 1), dcn_shape=(2, 1, 1))
+  with pytest.raises(ConfigError, match=r'dcn_mesh \(0, 1, 1\) is not valid'):
+    sharding.resolve_layout((1, 4, 1), (0, 1, 1), 8)
+  with pytest.raises(ConfigError, match=r'dcn_mesh \(3, 1, 1\) makes 3 domains, '
+                     r'but 8 devices do not divide'):
+    sharding.resolve_layout((1, -1, 1), (3, 1, 1), 8)
+  assert sharding.resolve_layout((1, -1, 1), (2, 1, 1), 8) == (2, 4, 1)
+  assert sharding.spans_domains((2, 1, 1)) == []
+  assert sharding.spans_domains((1, 2, 2)) == ['expert', 'model']

@@ -156,11 +156,14 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
     assert 0.2e9 <= run.model.num_params <= 0.8e9, run.model.num_params
     assert _count(_abstract_params(run.model)) == run.model.num_params
     return
-  if variant in ('1b', '1b_fsdp'):
-    # Built and validated on an 8-GPU node and a 32-device slice; not trained.
-    for devices in (8, 32):
+  if variant.startswith('1b'):
+    # Built and validated on an 8-GPU node and a 32-device slice (4 nodes
+    # only on 32); not trained.
+    for devices in (32,) if variant == '1b_4nodes' else (8, 32):
       run = run_config.validate(_recipe(name).get_config(variant), devices)
       assert math.prod(run.mesh_shape) == devices
+    if variant == '1b_4nodes':
+      assert (run.mesh_shape, run.dcn_mesh_shape) == ((4, 8, 1), (4, 1, 1))
     model = run_config.model_config(original)
     print(f'{name}:{variant} total params {model.num_params / 1e9:.3f}B, '
           f'active {model.num_active_params / 1e9:.3f}B')
