@@ -16,7 +16,7 @@ import sharded_setup
 from moe import sharding
 from moe.config import DISPATCHES, ConfigError, ModelConfig, MoeConfig
 
-MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)]
 
 
 def _to_np(tree):
@@ -37,14 +37,12 @@ def _grads(mesh_shape, dispatch, balance_scope='group', fsdp=False):
   return float(loss), _to_np(grads), hlo, s, state
 
 
-# Every mesh for the gather path (the default, with its own all-to-all);
-# the dropless path (its own all-to-all as well) on the
-# expert-only and the three-axis mesh; the one-hot einsum path, whose
-# all-to-all the compiler inserts from the same sharding constraints, on the
-# data x expert and the three-axis mesh.
+# Every mesh for the gather path (the default, with its own all-to-all):
+# data only, experts only, both, and all three axes; the dropless path (its
+# own all-to-all as well) and the one-hot einsum path (whose all-to-all the
+# compiler inserts from the same sharding constraints) on the three-axis mesh.
 MESH_CASES = ([(m, 'gather') for m in MESHES[1:]]
-              + [((1, 8, 1), 'dropless'), ((2, 2, 2), 'dropless')]
-              + [((2, 4, 1), 'einsum'), ((2, 2, 2), 'einsum')])
+              + [((2, 2, 2), 'dropless'), ((2, 2, 2), 'einsum')])
 assert {d for _, d in MESH_CASES} == set(DISPATCHES)
 
 
@@ -134,7 +132,7 @@ def test_expert_axis_compiles_to_all_to_all(dispatch):
       assert not re.search(ALL_REDUCE, hlo), dispatch
 
 
-@pytest.mark.parametrize('mesh_shape', [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize('mesh_shape', [(1, 8, 1), (2, 4, 1), (2, 2, 2)])
 def test_expert_weights_split_over_expert_and_model(mesh_shape):
   *_, state = _grads(mesh_shape, 'gather')
   _, expert, model = mesh_shape
@@ -203,13 +201,14 @@ def test_two_processes_two_level_mesh(tmp_path):
   """2 real processes x 4 CPU devices under jax.distributed, each process a
   domain: data across them, experts inside (mesh (1, 4, 1) x dcn_mesh
   (2, 1, 1)). Every all-to-all of the compiled step stays inside a process,
-  and the losses and gradients are those of 8 devices here. A flat (1, 8, 1)
+  and the loss and gradients are those of 8 devices here. A flat (1, 8, 1)
   mesh, the expert axis across both processes, is built with a warning, and
   its all-to-alls cross processes."""
   port, out = _free_port(), tmp_path / 'result.json'
   here = os.path.dirname(__file__)
   env = {**os.environ, 'PYTHONPATH': here + os.pathsep + os.environ.get('PYTHONPATH', '')}
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                            env.get('XLA_FLAGS', ''))   # each process: 4 devices
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(here, 'sharded_worker.py'),
        '--coordinator', f'127.0.0.1:{port}', '--num_processes', '2',
@@ -234,17 +233,13 @@ def test_two_processes_two_level_mesh(tmp_path):
   (warning,) = got['flat_warnings']
   assert "mesh axis 'expert' (size 8) spans 2 domains" in warning
 
-  # The numbers: those of the same mesh on this process's 8 devices.
-  s, state = sharded_setup.build((2, 4, 1), 'gather')
-  want = []
-  for tokens in sharded_setup.batches():
-    state, metrics = s.train_step(state, jax.device_put(tokens, s.batch_sharding))
-    want.append(float(metrics['loss']))
-  np.testing.assert_allclose(got['losses'], want, rtol=1e-5)
-  assert len(set(np.round(want, 4))) == len(want)  # the steps really trained
+  # The numbers: those of the same mesh on this process's 8 devices, each
+  # process having fed only its own rows.
+  want_loss, want_grads, *_ = _grads((2, 4, 1), 'gather')
+  np.testing.assert_allclose(got['loss'], want_loss, rtol=1e-5)
   grads = np.load(str(out) + '.grads.npz')
   want_grads = {jax.tree_util.keystr(k): g for k, g in
-                jax.tree_util.tree_flatten_with_path(_grads((2, 4, 1), 'gather')[1])[0]}
+                jax.tree_util.tree_flatten_with_path(want_grads)[0]}
   assert sorted(grads.files) == sorted(want_grads)
   for k, g in want_grads.items():
     np.testing.assert_allclose(grads[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
