@@ -16,7 +16,7 @@ import sharded_setup
 from moe import sharding
 from moe.config import DISPATCHES, ConfigError, ModelConfig, MoeConfig
 
-MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)]
+MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 
 
 def _to_np(tree):
@@ -37,12 +37,14 @@ def _grads(mesh_shape, dispatch, balance_scope='group', fsdp=False):
   return float(loss), _to_np(grads), hlo, s, state
 
 
-# Every mesh for the gather path (the default, with its own all-to-all):
-# data only, experts only, both, and all three axes; the dropless path (its
-# own all-to-all as well) and the one-hot einsum path (whose all-to-all the
-# compiler inserts from the same sharding constraints) on the three-axis mesh.
+# Every mesh for the gather path (the default, with its own all-to-all);
+# the dropless path (its own all-to-all as well) on the expert-only and the
+# three-axis mesh; the one-hot einsum path, whose all-to-all the compiler
+# inserts from the same sharding constraints, on the data x expert and the
+# three-axis mesh.
 MESH_CASES = ([(m, 'gather') for m in MESHES[1:]]
-              + [((2, 2, 2), 'dropless'), ((2, 2, 2), 'einsum')])
+              + [((1, 8, 1), 'dropless'), ((2, 2, 2), 'dropless')]
+              + [((2, 4, 1), 'einsum'), ((2, 2, 2), 'einsum')])
 assert {d for _, d in MESH_CASES} == set(DISPATCHES)
 
 
@@ -132,7 +134,7 @@ def test_expert_axis_compiles_to_all_to_all(dispatch):
       assert not re.search(ALL_REDUCE, hlo), dispatch
 
 
-@pytest.mark.parametrize('mesh_shape', [(1, 8, 1), (2, 4, 1), (2, 2, 2)])
+@pytest.mark.parametrize('mesh_shape', [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)])
 def test_expert_weights_split_over_expert_and_model(mesh_shape):
   *_, state = _grads(mesh_shape, 'gather')
   _, expert, model = mesh_shape
