@@ -67,8 +67,8 @@ from moe.model import Transformer, lm_loss
 F32 = 4
 # Default bandwidths (Gb/s per device, one way): an H100/H200 node's NVLink 4
 # (450 GB/s) and one 400 Gb/s InfiniBand NIC per GPU between nodes. For a
-# TPU v5p: ICI 4,800 Gb/s per chip, and DCN what the hosts' NICs give per chip
-# (scripts/plan.py --ici_gbps / --dcn_gbps; README, "Plan before launch").
+# TPU v5p, Cloud TPU's figures per chip: ICI 4,800 (1,200 GB/s both ways),
+# DCN 50 (scripts/plan.py --ici_gbps / --dcn_gbps; README, "Plan before launch").
 ICI_GBPS = 3600.0
 DCN_GBPS = 400.0
 

@@ -35,10 +35,10 @@ _DCN_MESH = flags.DEFINE_string(
     'e.g. 4,1,1; the whole mesh is mesh x dcn_mesh (default: config.dcn_mesh).')
 _ICI_GBPS = flags.DEFINE_float(
     'ici_gbps', None, 'Bandwidth inside a domain, Gb/s per device one way '
-    '(default moe.plan.ICI_GBPS: H100/H200 NVLink 4, 450 GB/s; TPU v5p ICI: 4800).')
+    '(default moe.plan.ICI_GBPS: H100/H200 NVLink 4, 450 GB/s; TPU v5p: 4800).')
 _DCN_GBPS = flags.DEFINE_float(
     'dcn_gbps', None, 'Bandwidth across domains, Gb/s per device one way '
-    '(default moe.plan.DCN_GBPS: one 400 Gb/s InfiniBand NIC per GPU).')
+    '(default moe.plan.DCN_GBPS: one 400 Gb/s InfiniBand NIC per GPU; TPU v5p: 50).')
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'Devices of the target, to resolve a -1 in the mesh '
     '(default: the mesh product, or this machine\'s device count).')
