@@ -106,12 +106,17 @@ class Plan:
   dcn_gbps: float
 
   @property
+  def all_to_all_bytes(self) -> dict[str, int]:
+    """All-to-all bytes per device per step inside ('ici') and across
+    ('dcn') domains, over every MoE layer."""
+    return {'ici': sum(l.all_to_all_ici_bytes_per_step for l in self.moe_layers),
+            'dcn': sum(l.all_to_all_dcn_bytes_per_step for l in self.moe_layers)}
+
+  @property
   def all_to_all_seconds(self) -> dict[str, float]:
     """Estimated all-to-all time per step inside and across domains."""
-    ici = sum(l.all_to_all_ici_bytes_per_step for l in self.moe_layers)
-    dcn = sum(l.all_to_all_dcn_bytes_per_step for l in self.moe_layers)
-    return {'ici': 8 * ici / (self.ici_gbps * 1e9),
-            'dcn': 8 * dcn / (self.dcn_gbps * 1e9)}
+    gbps = {'ici': self.ici_gbps, 'dcn': self.dcn_gbps}
+    return {k: 8 * b / (gbps[k] * 1e9) for k, b in self.all_to_all_bytes.items()}
 
   @property
   def total_bytes(self) -> int:
@@ -126,6 +131,7 @@ class Plan:
     d = dataclasses.asdict(self)
     d['total_bytes'] = self.total_bytes
     d['flops_per_device_per_step'] = self.flops_per_device_per_step
+    d['all_to_all_bytes'] = self.all_to_all_bytes
     d['all_to_all_seconds'] = self.all_to_all_seconds
     return d
 
@@ -327,11 +333,10 @@ def format_plan(p: Plan) -> str:
     total = sum(l.all_to_all_bytes_per_step for l in p.moe_layers)
     lines.append(f'  all MoE layers: {_bytes(total)} per device per step'
                  + (' (expert axis 1: no all-to-all)' if expert == 1 else ''))
-    seconds = p.all_to_all_seconds
+    parts, seconds = p.all_to_all_bytes, p.all_to_all_seconds
     for net, gbps, key in (('inside a domain (ICI/NVLink)', p.ici_gbps, 'ici'),
                            ('across domains (DCN/IB)', p.dcn_gbps, 'dcn')):
-      part = sum(getattr(l, f'all_to_all_{key}_bytes_per_step') for l in p.moe_layers)
-      lines.append(f'    {net:29s} {_bytes(part):>11s}  ~{1e3 * seconds[key]:.2f} ms '
+      lines.append(f'    {net:29s} {_bytes(parts[key]):>11s}  ~{1e3 * seconds[key]:.2f} ms '
                    f'per step at {gbps:g} Gb/s')
   return '\n'.join(lines)
 

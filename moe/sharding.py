@@ -191,11 +191,10 @@ def make_mesh(shape, devices=None, dcn_shape=(1, 1, 1)) -> jax.sharding.Mesh:
   with a warning."""
   devices = jax.devices() if devices is None else devices
   dcn = resolve_dcn_shape(dcn_shape)
-  if any(s != -1 and s % d for s, d in zip(shape, dcn)):
-    raise ConfigError(f'mesh {tuple(shape)} is not a multiple of dcn_mesh {dcn} '
+  shape = resolve_mesh_shape(shape, len(devices))
+  if any(s % d for s, d in zip(shape, dcn)):
+    raise ConfigError(f'mesh {shape} is not a multiple of dcn_mesh {dcn} '
                       'axis by axis.')
-  shape = resolve_layout(
-      tuple(s if s == -1 else s // d for s, d in zip(shape, dcn)), dcn, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * 3
   if math.prod(dcn) == 1:
     mesh = jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)

@@ -1,7 +1,7 @@
 """Pre-flight plan of a config on a target mesh; trains nothing.
 
   python scripts/plan.py --config configs/switch.py:1b --mesh=4,8,1
-  python scripts/plan.py --config configs/switch.py:multinode    # 4 nodes x 8 GPUs
+  python scripts/plan.py --config configs/switch.py:1b_4nodes    # 4 nodes x 8 GPUs
   python scripts/plan.py --config configs/gshard.py:cpu --config.moe.num_experts=16 \\
       --mesh=1,8,1 --check          # also compile here and print XLA's figure
 
@@ -9,7 +9,8 @@ Prints total and active parameters, training FLOPs per token, per-device
 bytes of parameters, optimizer state, gradients and activations, and the
 all-to-all bytes per step of each MoE layer, split into traffic inside a
 domain (node, slice) and across domains with an estimated time for each
-(moe/plan.py says how each is computed). The mesh may be larger than this machine: nothing is allocated.
+(moe/plan.py says how each is computed). The mesh may be larger than this
+machine: nothing is allocated.
 Exits 1 with the reason when the layout does not fit the mesh.
 """
 

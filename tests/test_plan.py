@@ -145,8 +145,7 @@ def test_all_to_all_split_matches_the_compiled_step(mesh, dcn_mesh):
     same = sum(domain_of[flat[q].id] == me for q in group)
     inside += nbytes * (same - 1) / len(group)
     outside += nbytes * (len(group) - same) / len(group)
-  want_ici = sum(l.all_to_all_ici_bytes_per_step for l in p.moe_layers)
-  want_dcn = sum(l.all_to_all_dcn_bytes_per_step for l in p.moe_layers)
+  want_ici, want_dcn = p.all_to_all_bytes['ici'], p.all_to_all_bytes['dcn']
   print(f'{mesh} x {dcn_mesh}: {len(ops)} all-to-alls; inside {inside:.0f} B '
         f'(plan {want_ici}), across {outside:.0f} B (plan {want_dcn})')
   assert len(ops) == 4 * len(p.moe_layers)
