@@ -33,6 +33,16 @@ def moe_defaults() -> ml_collections.ConfigDict:
   m.z_loss_coef = 1e-3            # ST-MoE router z-loss
   m.num_shared_experts = 0        # always-active experts of width expert_dim
   m.balance_bias_rate = 0.0       # DeepSeek-V3 aux-loss-free bias step (0: off)
+  # Adaptive compute (moe.routing): cheap experts in the router's choice set
+  # (no buffer, no all-to-all, no capacity) and threshold routing.
+  m.num_zero_experts = 0          # output nothing (MoE++)
+  m.num_copy_experts = 0          # output the token's input
+  m.num_const_experts = 0         # output a learned vector
+  m.top_p = 0.0                   # > 0: choices in order of probability until
+                                  # they sum to p, at most top_k (Huang et al. 2024)
+  m.compute_target = 0.0          # FFN experts per token to steer to; also the
+                                  # capacity's expected choices (0: top_k * E / choices)
+  m.compute_loss_coef = 0.0       # compute regularizer (n - target)^2 (needs a target)
   return m
 
 
@@ -116,4 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.capacity_factors = (1.0, 1.25, 2.0, 'dropless')
   c.eval.checkpoint_step = -1     # -1: latest
+  # eval.py: compute what-if, each row without capacity drops: 'as_trained',
+  # thresholds p in (0, 1] (threshold routing, at most moe.top_k choices),
+  # 'no_cheap' (cheap experts off); 'auto': as trained, p = 0.5 ... 1.0 and
+  # no_cheap where they apply (top_k > 1 or cheap experts), else none.
+  c.eval.compute_what_if = ('auto',)
   return c

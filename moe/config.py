@@ -69,6 +69,14 @@ class MoeConfig:
   z_loss_coef: float = 1e-3
   num_shared_experts: int = 0         # always-active experts of width expert_dim
   balance_bias_rate: float = 0.0      # DeepSeek-V3 aux-loss-free bias step; 0 = off
+  # Adaptive compute (moe.routing, "Adaptive compute"): cheap experts in the
+  # router's choice set and threshold routing.
+  num_zero_experts: int = 0           # choices that output nothing
+  num_copy_experts: int = 0           # choices that output their input
+  num_const_experts: int = 0          # choices that output a learned vector
+  top_p: float = 0.0                  # > 0: take choices until their probs reach p (k_max = top_k)
+  compute_target: float = 0.0         # FFN experts per token to steer to (0: none)
+  compute_loss_coef: float = 0.0      # weight of the compute regularizer
 
   def __post_init__(self):
     _check(self.num_experts >= 1,
@@ -77,9 +85,14 @@ class MoeConfig:
     _check_choice('moe.dispatch', self.dispatch, DISPATCHES)
     _check_choice('moe.priority', self.priority, PRIORITIES)
     _check_choice('moe.balance_scope', self.balance_scope, BALANCE_SCOPES)
-    _check(1 <= self.top_k <= self.num_experts,
-           f'moe.top_k={self.top_k} must be between 1 and '
-           f'moe.num_experts={self.num_experts}.')
+    if self.num_cheap_experts > 0:
+      _check(1 <= self.top_k <= self.num_choices,
+             f'moe.top_k={self.top_k} must be between 1 and the router\'s '
+             f'{self.num_choices} choices (experts and cheap experts).')
+    else:
+      _check(1 <= self.top_k <= self.num_experts,
+             f'moe.top_k={self.top_k} must be between 1 and '
+             f'moe.num_experts={self.num_experts}.')
     _check(self.expert_dim >= 1, f'moe.expert_dim={self.expert_dim} must be >= 1.')
     _check(self.group_size >= 1, f'moe.group_size={self.group_size} must be >= 1.')
     for name in ('train_capacity_factor', 'eval_capacity_factor'):
@@ -96,6 +109,56 @@ class MoeConfig:
              f'moe.{name}={getattr(self, name)} must be >= 0.')
     _check(self.num_shared_experts >= 0,
            f'moe.num_shared_experts={self.num_shared_experts} must be >= 0.')
+    for name in ('num_zero_experts', 'num_copy_experts', 'num_const_experts'):
+      _check(getattr(self, name) >= 0, f'moe.{name}={getattr(self, name)} must be >= 0.')
+    _check(0.0 <= self.top_p <= 1.0,
+           f'moe.top_p={self.top_p} must be in [0, 1] (0: fixed top-k; p: each '
+           'token takes choices until their probabilities sum to p, at most top_k).')
+    _check(self.compute_target >= 0 and self.compute_loss_coef >= 0,
+           f'moe.compute_target={self.compute_target} and moe.compute_loss_coef='
+           f'{self.compute_loss_coef} must be >= 0.')
+    if self.router == 'experts_choose':
+      _check(not self.adaptive and not self.compute_target,
+             "moe.router='experts_choose' takes no cheap experts, top_p or "
+             "compute_target (experts pick tokens); use 'tokens_choose'.")
+    if self.compute_target:
+      _check(self.adaptive and self.compute_target <= self.top_k,
+             f'moe.compute_target={self.compute_target} needs adaptive routing '
+             '(moe.num_zero/copy/const_experts > 0 or moe.top_p > 0) and must be '
+             f'at most moe.top_k={self.top_k}.')
+    _check(not self.compute_loss_coef or self.compute_target,
+           f'moe.compute_loss_coef={self.compute_loss_coef} steers the FFN experts '
+           'per token to moe.compute_target; set compute_target > 0.')
+
+  @property
+  def num_cheap_experts(self) -> int:
+    """Zero, copy and constant experts: choices with no FFN."""
+    return self.num_zero_experts + self.num_copy_experts + self.num_const_experts
+
+  @property
+  def num_choices(self) -> int:
+    """The router's outputs: FFN experts [0, E), then zero, copy and
+    constant experts, in that order."""
+    return self.num_experts + self.num_cheap_experts
+
+  @property
+  def adaptive(self) -> bool:
+    """Whether a token's number of FFN experts varies (cheap experts or
+    threshold routing) instead of being exactly top_k."""
+    return self.num_cheap_experts > 0 or self.top_p > 0
+
+  @property
+  def ffn_choices(self) -> float:
+    """Expected FFN experts per token: top_k for fixed routing; with
+    adaptive routing compute_target where set (the regularizer steers the
+    mean there), else top_k x E / (E + cheap experts), a uniform spread
+    over the choice set. Capacity, active parameters and nominal FLOPs use
+    it."""
+    if self.compute_target:
+      return self.compute_target
+    if self.num_cheap_experts:
+      return self.top_k * self.num_experts / self.num_choices
+    return self.top_k
 
   def seqs_per_group(self, batch: int, seq_len: int) -> int:
     """Sequences per routing group: group_size // seq_len, at least 1 and at
@@ -109,7 +172,8 @@ class MoeConfig:
 
   def capacity(self, group_size: int, train: bool,
                factor: float | str | None = None) -> int:
-    """C = max(ceil(cf * k * S / E), min_capacity) for a group of S tokens.
+    """C = max(ceil(cf * k * S / E), min_capacity) for a group of S tokens,
+    k the expected FFN choices per token (`ffn_choices`).
 
     `factor` overrides the train/eval factor (eval's capacity what-if);
     'dropless' gives C = S, room for every token of the group, and so does
@@ -119,13 +183,14 @@ class MoeConfig:
     if factor is None:
       factor = self.train_capacity_factor if train else self.eval_capacity_factor
     _check(factor > 0, f'capacity factor {factor} must be > 0 or \'dropless\'.')
-    return capacity(group_size, self.num_experts, self.top_k, factor,
+    return capacity(group_size, self.num_experts, self.ffn_choices, factor,
                     self.min_capacity)
 
 
-def capacity(group_size: int, num_experts: int, top_k: int,
+def capacity(group_size: int, num_experts: int, top_k: float,
              capacity_factor: float, min_capacity: int) -> int:
-  """Expert buffer slots per routing group: max(ceil(cf*k*S/E), min_capacity).
+  """Expert buffer slots per routing group: max(ceil(cf*k*S/E), min_capacity),
+  k the FFN choices per token (fractional with adaptive routing).
 
   Never more than S: a token's k choices are distinct experts, so one expert
   receives at most S tokens of a group. The 1e-9 keeps float error from
@@ -214,10 +279,14 @@ class ModelConfig:
     return 4 * self.d_model * self.num_heads * self.head_dim
 
   def _moe_params(self, active: bool) -> int:
+    """Router + experts (active: the expected FFN choices, `ffn_choices`;
+    the constant experts' vectors count in the total only: no matmul)."""
     m = self.moe
-    experts = m.top_k if active else m.num_experts
-    router = self.d_model * m.num_experts
-    return router + (experts + m.num_shared_experts) * 3 * self.d_model * m.expert_dim
+    experts = m.ffn_choices if active else m.num_experts
+    router = self.d_model * m.num_choices
+    consts = 0 if active else m.num_const_experts * self.d_model
+    return round(router + consts + (experts + m.num_shared_experts) * 3 * self.d_model
+                 * m.expert_dim)
 
   def _ffn_params(self, i: int, active: bool) -> int:
     if self.is_moe_layer(i):
@@ -240,11 +309,19 @@ class ModelConfig:
     """Parameters used by one token (k routed + shared experts per MoE layer)."""
     return self._param_count(active=True)
 
-  def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward)."""
+  def flops_per_token(self, seq_len: int, ffn_per_token=None) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward).
+
+    ffn_per_token: the FFN experts per token each MoE layer actually took
+    (router statistics, [L]); by default the expected `moe.ffn_choices`."""
     matmul_params = self.num_active_params - self.vocab_size * self.d_model
     attention = self.num_layers * self.num_heads * self.head_dim * seq_len
-    return 6.0 * matmul_params + 6.0 * attention
+    flops = 6.0 * matmul_params + 6.0 * attention
+    if ffn_per_token is not None:
+      m = self.moe
+      spent = sum(float(n) - m.ffn_choices for n in ffn_per_token)
+      flops += 6.0 * spent * 3 * self.d_model * m.expert_dim
+    return flops
 
   # --- Dense twins -------------------------------------------------------------
   def _dense_with_ffn_params(self, ffn_params_per_model: int) -> ModelConfig:

@@ -9,6 +9,14 @@ validation batches once per factor in
 fraction and the loss can be read side by side; the model's own
 `eval_capacity_factor` row is what training-time evals report. Bits per
 byte divide the evaluated targets' loss by the bytes those targets stand for.
+
+The compute what-if (`eval.compute_what_if`, moe.routing.compute_what_if)
+evaluates the same checkpoint with less or more compute per token:
+threshold routing at several p, or the cheap experts switched off, each row
+without capacity drops, so that it reads as compute against loss alone: the
+FFN experts per token actually taken (per layer too), the forward FLOPs per
+token they cost, and the loss. A curve from one model, drawn in
+workdir/compute_what_if.png.
 """
 
 from __future__ import annotations
@@ -19,11 +27,16 @@ import os
 from typing import NamedTuple
 
 import jax
+import matplotlib
 
-from moe import data, run_config, run_dir, sharding
-from moe import metrics as metrics_lib
-from moe.checkpoint import Checkpointer, CheckpointError
-from moe.train_lib import Setup, TrainState, evaluate, make_optimizer, setup
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moe import data, routing, run_config, run_dir, sharding  # noqa: E402
+from moe import metrics as metrics_lib  # noqa: E402
+from moe.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from moe.config import ModelConfig  # noqa: E402
+from moe.train_lib import Setup, TrainState, evaluate, make_optimizer, setup  # noqa: E402
 
 
 class Restored(NamedTuple):
@@ -103,9 +116,47 @@ def run_eval(config, workdir: str) -> dict:
              evaluate(s, state, eval_set, cf)[0]).items()
             if k in ('loss', 'dropped_fraction', 'per_layer/dropped_fraction')}}
         for cf in config.eval.capacity_factors]
+    rows = routing.compute_what_if(run.model.moe, config.eval.compute_what_if)
+    if rows:
+      result['compute_what_if'] = [
+          compute_row(run.model, config.seq_len, label, override,
+                      evaluate(s, state, eval_set, 'dropless', override)[0])
+          for label, override in rows]
   if jax.process_index() == 0:
     run_dir.write_text(workdir, 'eval.json', json.dumps(result, indent=2))
+    if 'compute_what_if' in result:
+      plot_compute_what_if(result['compute_what_if'],
+                           os.path.join(workdir, 'compute_what_if.png'))
   return result
+
+
+def compute_row(model: ModelConfig, seq_len: int, label: str, override, metrics) -> dict:
+  """One row of the compute what-if from `evaluate`'s metrics."""
+  m = metrics_lib.summarize(metrics)
+  ffn = m['per_layer/ffn_experts_per_token']
+  return {'setting': label, 'top_p': None if override is None else override.top_p,
+          'cheap_experts': override is None or override.cheap_experts,
+          'loss': m['loss'], 'ffn_experts_per_token': m['ffn_experts_per_token'],
+          'per_layer/ffn_experts_per_token': ffn,
+          'forward_flops_per_token': model.flops_per_token(seq_len, ffn) / 3}
+
+
+def plot_compute_what_if(rows: list[dict], path: str) -> None:
+  """Loss against forward FLOPs per token, one point per row (labelled)."""
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  xs = [r['forward_flops_per_token'] / 1e6 for r in rows]
+  ys = [r['loss'] for r in rows]
+  ax.plot(xs, ys, 'o', color='C0')
+  for r, x, y in zip(rows, xs, ys):
+    ax.annotate(f"{r['setting']}\n{r['ffn_experts_per_token']:.2f} experts",
+                (x, y), fontsize=7, textcoords='offset points', xytext=(4, 4))
+  ax.set_xlabel('forward MFLOPs per token (FFN experts actually taken)')
+  ax.set_ylabel('validation loss (nats/token)')
+  ax.set_title('One checkpoint at several compute settings (no capacity drops)')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  run_dir.write_figure(path, fig)
+  plt.close(fig)
 
 
 def format_table(result: dict) -> str:
@@ -125,4 +176,10 @@ def format_table(result: dict) -> str:
     for row in result['capacity_what_if']:
       lines.append(f"| {row['capacity_factor']} | {row['dropped_fraction']:.4f} "
                    f"| {row['loss']:.4f} |")
+  if 'compute_what_if' in result:
+    lines += ['', '| compute (no capacity drops) | FFN experts per token | '
+              'forward MFLOPs per token | loss |', '|---|---|---|---|']
+    for row in result['compute_what_if']:
+      lines.append(f"| {row['setting']} | {row['ffn_experts_per_token']:.3f} | "
+                   f"{row['forward_flops_per_token'] / 1e6:.3f} | {row['loss']:.4f} |")
   return '\n'.join(lines)

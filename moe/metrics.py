@@ -37,11 +37,22 @@ Metric names (DESIGN.md section 4). `router_summary` turns the model's
   per_layer/dead_experts           dead_experts/layer_{l}              [L]
   per_layer/aux_loss               aux_loss/layer_{l}                  [L] (the mean over layers,
   per_layer/z_loss                 z_loss/layer_{l}                    `aux_loss`/`z_loss`, comes
-                                                                       from the train step)
+  per_layer/compute_loss           compute_loss/layer_{l}              from the train step)
+  ffn_experts_per_token            ffn_experts_per_token               FFN experts a token took
+                                                                       (routed, before capacity
+                                                                       drops), mean over layers
+  per_layer/ffn_experts_per_token  ffn_experts_per_token/layer_{l}     [L]
+  ffn_count_share                  ffn_count_share/layer_{l}/experts_{j}  [L][K+1] share of tokens
+                                                                       that took j FFN experts
+  cheap_share                      cheap_share/layer_{l}/cheap_{c}     [L][zero+copy+const] share of
+                                                                       taken choices per cheap
+                                                                       expert (models with them)
 
 The flattening rule (`tensorboard_scalars`): a scalar keeps its key; a list
 under `per_layer/NAME` or `NAME` becomes `NAME/layer_{l}`, and a list of
-lists `NAME/layer_{l}/expert_{e}` (lists are always indexed [layer][expert]).
+lists `NAME/layer_{l}/expert_{e}` (lists are always indexed [layer][expert];
+`ffn_count_share` by [layer][experts taken], `cheap_share` by [layer][cheap
+expert], named `experts_{j}` and `cheap_{c}`).
 Strings (e.g. `mfu_peak_source`) go to JSONL and to TensorBoard text.
 
 Other train keys: `loss`, `total_loss`, `aux_loss`, `z_loss`, `grad_norm`,
@@ -118,7 +129,23 @@ def router_summary(router: RouterStats) -> dict[str, Any]:
       'per_layer/dead_experts': dead.tolist(),
       'per_layer/aux_loss': per_layer(router.aux_loss).tolist(),
       'per_layer/z_loss': per_layer(router.z_loss).tolist(),
+      'per_layer/compute_loss': per_layer(router.compute_loss).tolist(),
+      **ffn_summary(router, load.shape[0]),
   }
+
+
+def ffn_summary(router: RouterStats, num_layers: int) -> dict[str, Any]:
+  """Where the compute went: FFN experts per token, the share of tokens
+  that took 0, 1, ..., K of them, and the cheap experts' shares."""
+  ffn = np.asarray(router.ffn_per_token, np.float64).reshape(num_layers)
+  count = np.asarray(router.ffn_count_share, np.float64).reshape(num_layers, -1)
+  cheap = np.asarray(router.cheap_share, np.float64).reshape(num_layers, -1)
+  out = {'ffn_experts_per_token': float(ffn.mean()),
+         'per_layer/ffn_experts_per_token': ffn.tolist(),
+         'ffn_count_share': count.tolist()}
+  if cheap.shape[1]:
+    out['cheap_share'] = cheap.tolist()
+  return out
 
 
 def summarize(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,21 +198,26 @@ def _floats(v):
   return float(a) if a.ndim == 0 else [_floats(x) for x in a.tolist()]
 
 
+# The second index of [layer][...] lists that are not indexed by expert.
+_INNER_INDEX = {'ffn_count_share': 'experts', 'cheap_share': 'cheap'}
+
+
 def tensorboard_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   """Flat {tag: float} for TensorBoard; strings are left out (see module doc)."""
   out = {}
 
-  def flatten(tag, v, depth):
+  def flatten(tag, v, depth, inner):
     if not isinstance(v, list):
       out[tag] = v
       return
-    index = ('layer', 'expert')[depth] if depth < 2 else 'index'
+    index = ('layer', inner)[depth] if depth < 2 else 'index'
     for i, x in enumerate(v):
-      flatten(f'{tag}/{index}_{i}', x, depth + 1)
+      flatten(f'{tag}/{index}_{i}', x, depth + 1, inner)
 
   for k, v in _expand(metrics).items():
     if not isinstance(v, str):
-      flatten(k.removeprefix('per_layer/'), _floats(v), 0)
+      name = k.removeprefix('per_layer/')
+      flatten(name, _floats(v), 0, _INNER_INDEX.get(name.rsplit('/', 1)[-1], 'expert'))
   return out
 
 
@@ -383,6 +415,7 @@ class Throughput:
     self.num_devices = int(num_devices)
     self._clock = clock
     self._mark = None   # (step, time) at the start of the interval
+    self._counted = []  # FLOPs per token of each step since the mark (`count`)
     logging.info('MFU peak: %.4g TFLOP/s per device (%s) x %d devices.',
                  self.peak_flops_per_device / 1e12, peak_source, self.num_devices)
 
@@ -396,6 +429,14 @@ class Throughput:
   def start(self, step: int) -> None:
     """Starts (or restarts) an interval at `step`, now."""
     self._mark = (int(step), self._clock())
+    self._counted = []
+
+  def count(self, flops_per_token: float) -> None:
+    """The FLOPs per token one step of the interval actually spent (adaptive
+    compute: `ModelConfig.flops_per_token` of the experts its tokens took).
+    When every step of an interval was counted, `measure` uses their mean
+    instead of the nominal figure, and reports it as `flops_per_token`."""
+    self._counted.append(float(flops_per_token))
 
   def measure(self, step: int) -> dict[str, float]:
     """Metrics over the steps since the last start/measure; starts the next.
@@ -404,15 +445,21 @@ class Throughput:
     """
     now = self._clock()
     mark, self._mark = self._mark, (int(step), now)
+    counted, self._counted = self._counted, []
     if mark is None or int(step) <= mark[0] or now <= mark[1]:
       return {}
     steps, seconds = int(step) - mark[0], now - mark[1]
+    flops_per_token = (sum(counted) / steps if len(counted) == steps
+                       else self.flops_per_token)
     tokens_per_sec = steps * self.tokens_per_step / seconds
-    flops_per_sec = tokens_per_sec * self.flops_per_token
-    return {'tokens_per_sec': tokens_per_sec,
-            'tflops_per_sec': flops_per_sec / 1e12,
-            'mfu': flops_per_sec / (self.peak_flops_per_device * self.num_devices),
-            'step_time': seconds / steps}
+    flops_per_sec = tokens_per_sec * flops_per_token
+    out = {'tokens_per_sec': tokens_per_sec,
+           'tflops_per_sec': flops_per_sec / 1e12,
+           'mfu': flops_per_sec / (self.peak_flops_per_device * self.num_devices),
+           'step_time': seconds / steps}
+    if len(counted) == steps:
+      out['flops_per_token'] = flops_per_token
+    return out
 
 
 def compiled_memory(compiled) -> dict[str, int]:

@@ -5,8 +5,9 @@ an MoE layer on every `moe_every`-th layer (Switch/GShard: every other layer)
 and a dense SwiGLU elsewhere. Untied input embedding and output projection.
 
 `lm_loss` is next-token cross-entropy plus the MoE losses:
-  total = ce + aux_loss_coef * aux + z_loss_coef * z,
-aux and z averaged over MoE layers.
+  total = ce + aux_loss_coef * aux + z_loss_coef * z
+          (+ compute_loss_coef * compute, with adaptive compute),
+aux, z and compute averaged over MoE layers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moe import sharding
 from moe.config import ModelConfig
 from moe.layers import Attention, Mlp, RMSNorm, fan_in_init, project
 from moe.moe_layer import MoeFeedForward
-from moe.routing import RouterStats
+from moe.routing import ComputeOverride, RouterStats
 
 
 class Block(nnx.Module):
@@ -32,12 +33,13 @@ class Block(nnx.Module):
     self.ffn = (MoeFeedForward(cfg, kf) if cfg.is_moe_layer(index)
                 else Mlp(cfg.d_model, cfg.mlp_dim, cfg.dtype, kf))
 
-  def __call__(self, x, *, train: bool, rng, capacity_factor=None, routes=False):
+  def __call__(self, x, *, train: bool, rng, capacity_factor=None, routes=False,
+               compute=None):
     x = x + self.attn(self.attn_norm(x))
     h = self.ffn_norm(x)
     if isinstance(self.ffn, MoeFeedForward):
       y, stats = self.ffn(h, train=train, rng=rng, capacity_factor=capacity_factor,
-                          routes=routes)
+                          routes=routes, compute=compute)
     else:
       y, stats = self.ffn(h), None
     return sharding.constrain(x + y, ('batch', 'length', 'act_embed')), stats
@@ -56,17 +58,20 @@ class Transformer(nnx.Module):
                                   ('embed', 'vocab'))
 
   def __call__(self, tokens, *, train: bool = False, rng: jax.Array | None = None,
-               capacity_factor: float | str | None = None, routes: bool = False):
+               capacity_factor: float | str | None = None, routes: bool = False,
+               compute: ComputeOverride | None = None):
     """tokens: [B, T] int -> (logits [B, T, V] float32, RouterStats stacked
     over MoE layers, or None for a dense model). `capacity_factor` overrides
     the configured one ('dropless': no drops); `routes` adds every token's
-    routing (RouterStats.routes, [L, B, T, K])."""
+    routing (RouterStats.routes, [L, B, T, K]); `compute` changes the
+    routing's compute (evaluation's what-if)."""
     dt = jnp.dtype(self.cfg.dtype)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)        # [B, T, D]
     x = sharding.constrain(x, ('batch', 'length', 'act_embed'))
     stats = []
     def run_block(block, x, rng):
-      kw = dict(train=train, capacity_factor=capacity_factor, routes=routes)
+      kw = dict(train=train, capacity_factor=capacity_factor, routes=routes,
+                compute=compute)
       if not self.cfg.remat:
         return block(x, rng=rng, **kw)
       graphdef, state = nnx.split(block)
@@ -96,7 +101,8 @@ class Transformer(nnx.Module):
 
 
 def lm_loss(model: Transformer, tokens, *, train: bool,
-            rng: jax.Array | None = None, capacity_factor=None, routes=False):
+            rng: jax.Array | None = None, capacity_factor=None, routes=False,
+            compute=None):
   """Next-token loss. tokens: [B, T+1] -> (total loss, metrics dict).
 
   metrics: `loss` (cross-entropy), `aux_loss`, `z_loss` (means over MoE
@@ -107,7 +113,7 @@ def lm_loss(model: Transformer, tokens, *, train: bool,
   """
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   logits, stats = model(inputs, train=train, rng=rng,
-                        capacity_factor=capacity_factor, routes=routes)
+                        capacity_factor=capacity_factor, routes=routes, compute=compute)
   logp = jax.nn.log_softmax(logits, axis=-1)
   token_ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
   ce = jnp.mean(token_ce)
@@ -118,4 +124,8 @@ def lm_loss(model: Transformer, tokens, *, train: bool,
     aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
     total = ce + m.aux_loss_coef * aux + m.z_loss_coef * z
     metrics.update(aux_loss=aux, z_loss=z, router=stats)
+    if m.compute_loss_coef:
+      compute_loss = jnp.mean(stats.compute_loss)
+      total = total + m.compute_loss_coef * compute_loss
+      metrics.update(compute_loss=compute_loss)
   return total, metrics

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402  (local or gs:// workdirs)
 
-from moe import intervals  # noqa: E402
+from moe import intervals, run_dir  # noqa: E402
 
 RUNS = ('moe', 'dense_total', 'dense_active')
 LABELS = {'moe': 'MoE', 'dense_total': 'dense, matched total params',
@@ -106,8 +106,7 @@ class Run:
 
 def _save(fig, path):
   fig.tight_layout()
-  with epath.Path(path).open('wb') as f:
-    fig.savefig(f, format='png', dpi=110)
+  run_dir.write_figure(path, fig)
   plt.close(fig)
 
 

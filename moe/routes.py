@@ -30,6 +30,11 @@ tokens of several bytes; tokens that stand for no bytes (EOS) are
   * across depth: for adjacent MoE layers, NMI between their top-1 experts
     and how often the next layer's expert is the one most often paired with
     this layer's (against always guessing its most loaded expert).
+  * where the compute went (adaptive compute: cheap experts, threshold
+    routing): per layer the FFN experts that processed a token (kept
+    choices of experts < num_ffn), on average, by category, and by the
+    token's own loss (tokens in LOSS_BINS equal-count bins of the loss of
+    the prediction made at their position): do hard tokens get more?
 `stability` compares two checkpoints of one run: per layer, the fraction of
 tokens, among those routed at both, whose top-1 expert is unchanged
 (StableMoE, Dai et al. 2022).
@@ -47,6 +52,7 @@ from moe import token_categories as tc
 from moe.train_lib import Setup, TrainState
 
 CONTEXT_BYTES = 8
+LOSS_BINS = 10
 
 
 class Routes(NamedTuple):
@@ -207,9 +213,12 @@ def _key_bytes(key: int) -> bytes:
 
 
 def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
-            num_experts: int, router: str, top: int = 8) -> dict:
-  """The statistics of the module doc, JSON-able. Dropped: a tokens-choose
-  choice whose expert was full; an experts-choose token no expert took."""
+            num_experts: int, router: str, top: int = 8,
+            num_ffn: int | None = None) -> dict:
+  """The statistics of the module doc, JSON-able. `num_experts`: the
+  router's choices (with cheap experts, E FFN experts then the cheap ones;
+  `num_ffn` = E). Dropped: a tokens-choose choice whose expert was full (or
+  that a threshold did not take); an experts-choose token no expert took."""
   e = num_experts
   names = labels.names
   cat = labels.category[routes.position].astype(np.int64)           # [N]
@@ -285,7 +294,27 @@ def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
     })
   result['adjacent_layers'] = [_adjacent(top1[l], top1[l + 1], e)
                                for l in range(top1.shape[0] - 1)]
+  result['compute'] = _compute(routes, cat, num_cat, e if num_ffn is None else num_ffn)
   return result
+
+
+def _compute(routes: Routes, cat: np.ndarray, num_cat: int, num_ffn: int) -> dict:
+  """FFN experts per token (kept FFN choices) per layer: mean, by category
+  and by bins of the token's own loss (module doc)."""
+  ffn = (routes.kept & (routes.expert >= 0) & (routes.expert < num_ffn)).sum(-1)  # [L, N]
+  loss = routes.token_loss.astype(np.float64)
+  order = np.argsort(loss, kind='stable')
+  bins = np.empty(len(loss), np.int64)
+  bins[order] = np.arange(len(loss)) * LOSS_BINS // max(len(loss), 1)
+  per_bin = np.maximum(np.bincount(bins, minlength=LOSS_BINS), 1)
+  per_cat = np.bincount(cat, minlength=num_cat)
+  return {
+      'ffn_per_token': ffn.mean(-1).tolist(),
+      'by_category': [[float(x / n) if n else None for x, n in
+                       zip(np.bincount(cat, f, num_cat), per_cat)] for f in ffn],
+      'loss_bin_mean': (np.bincount(bins, loss, LOSS_BINS) / per_bin).tolist(),
+      'by_loss_bin': [(np.bincount(bins, f, LOSS_BINS) / per_bin).tolist() for f in ffn],
+  }
 
 
 def _adjacent(a: np.ndarray, b: np.ndarray, e: int) -> dict:

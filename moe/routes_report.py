@@ -11,7 +11,6 @@ routes.md and three pictures (scripts/routes.py; moe.routes has the numbers).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -90,11 +89,13 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
         unchanged.append({'step': other,
                           'unchanged': routes.stability(other_routes, main)})
   result = routes.analyse(main, labels, eval_set, tokenizer,
-                          model.moe.num_experts, router)
+                          model.moe.num_choices, router,
+                          num_ffn=model.moe.num_experts)
   nmis = [x['nmi'] for x in result['layers']]
   layer = int(np.argmax(nmis)) if layer is None else layer
   result.update(
       step=step, router=router, top_k=model.moe.top_k,
+      num_ffn_experts=model.moe.num_experts, adaptive=model.moe.adaptive,
       moe_blocks=[i for i in range(model.num_layers) if model.is_moe_layer(i)],
       categories_labeller=categories,
       eval_set={'whole_split': eval_set.whole_split,
@@ -108,6 +109,8 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
           out, 'code.png')
     if unchanged:
       _save(stability_plot(result), out, 'stability.png')
+    if model.moe.adaptive:
+      _save(compute_plot(result), out, 'compute.png')
     result['seconds'] = time.time() - started
     run_dir.write_text(out, 'routes.json', json.dumps(result, indent=1))
     run_dir.write_text(out, 'routes.md', markdown(result))
@@ -116,12 +119,8 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
 
 def _save(fig, directory: str, name: str) -> None:
   """The figure as a PNG in `directory` (local or gs://)."""
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=120)
+  run_dir.write_figure(os.path.join(directory, name), fig, dpi=120)
   plt.close(fig)
-  path = epath.Path(directory)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / name).write_bytes(buffer.getvalue())
 
 
 # --- Pictures ----------------------------------------------------------------
@@ -231,6 +230,34 @@ def code_picture(eval_set: data.EvalSet, main: routes.Routes,
   return fig
 
 
+def compute_plot(result: dict):
+  """FFN experts per token against the token's own loss (equal-count loss
+  bins), per layer, and by category (adaptive compute)."""
+  c = result['compute']
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2))
+  for l, row in enumerate(c['by_loss_bin']):
+    left.plot(c['loss_bin_mean'], row, 'o-', label=f'MoE layer {l}')
+  left.set_xlabel(f"the token's own loss (mean of each of {routes.LOSS_BINS} "
+                  'equal-count bins, nats)')
+  left.set_ylabel('FFN experts per token')
+  left.set_title('Do hard tokens get more compute?')
+  left.grid(alpha=0.3)
+  left.legend(fontsize=8)
+  names, shares = result['categories'], result['category_share']
+  shown = [i for i, s in enumerate(shares) if s >= 0.001]
+  width = 0.8 / max(len(c['by_category']), 1)
+  for l, row in enumerate(c['by_category']):
+    right.bar(np.arange(len(shown)) + l * width, [row[i] or 0.0 for i in shown], width,
+              label=f'layer {l}')
+  right.set_xticks(np.arange(len(shown)) + 0.4 - width / 2)
+  right.set_xticklabels([names[i] for i in shown], rotation=45, ha='right', fontsize=8)
+  right.set_ylabel('FFN experts per token')
+  right.set_title('By category (categories with >= 0.1% of the tokens)')
+  right.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def stability_plot(result: dict):
   rows = sorted(result['stability'], key=lambda x: x['step'])
   fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -319,6 +346,26 @@ def markdown(result: dict) -> str:
       out.append(f"| {row['step']} | "
                  + ' | '.join(f'{100 * u:.1f}%' for u in row['unchanged']) + ' |')
     out += ['', '![stability](stability.png)']
+  if result.get('adaptive'):
+    c = result['compute']
+    e = result['num_ffn_experts']
+    out += ['', '## Where the compute went', '',
+            f'Experts {e} and above are cheap (zero, copy, constant). FFN experts '
+            'that processed a token (kept choices of experts 0..'
+            f'{e - 1}), by the token\'s own loss (equal-count bins):', '',
+            '| loss bin (mean, nats) | ' + ' | '.join(
+                f"layer {l['layer']}" for l in layers) + ' |',
+            '|---|' + '---|' * len(layers)]
+    for b, mean_loss in enumerate(c['loss_bin_mean']):
+      out.append(f'| {mean_loss:.3f} | ' + ' | '.join(
+          f'{row[b]:.3f}' for row in c['by_loss_bin']) + ' |')
+    out += ['', '| category | ' + ' | '.join(
+        f"layer {l['layer']}" for l in layers) + ' |', '|---|' + '---|' * len(layers)]
+    for i, name in enumerate(names):
+      if share[i] >= 0.001:
+        out.append(f'| {name} | ' + ' | '.join(
+            f'{row[i]:.3f}' for row in c['by_category']) + ' |')
+    out += ['', '![compute](compute.png)']
   code = result.get('code', {})
   out += ['', '## Pictures', '', '![heatmap](heatmap.png)', '',
           f"Document {code.get('document')}, from line {code.get('first_line')}, "

@@ -14,7 +14,7 @@ import warnings
 
 import ml_collections
 
-from moe import data, layers, run_dir, sharding
+from moe import data, layers, routing, run_dir, sharding
 from moe.config import ConfigError, ModelConfig, MoeConfig
 
 OPTIMIZERS = ('adamw', 'adafactor')
@@ -33,7 +33,7 @@ TOP_LEVEL_KEYS = (
     'progress_bar', 'eval')
 OPTIMIZER_KEYS = ('name', 'learning_rate', 'warmup_steps', 'decay',
                   'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')
-EVAL_KEYS = ('capacity_factors', 'checkpoint_step')
+EVAL_KEYS = ('capacity_factors', 'checkpoint_step', 'compute_what_if')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +122,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Run:
       raise ConfigError(f'eval.capacity_factors has {cf!r}; each must be a '
                         "number > 0 or 'dropless'.")
   model = model_config(config)
+  if model.is_moe:
+    routing.compute_what_if(model.moe, config.eval.compute_what_if)
   model.attention_kernel(layers.platform())  # 'cudnn' where it cannot run: refused
   if config.get('init_from'):
     run_dir.check_filesystem(config.init_from, 'init_from')

@@ -15,6 +15,7 @@ and uploads them at each checkpoint (`MetricWriter.sync`).
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import uuid
 
@@ -67,6 +68,16 @@ def check_writable(workdir: str) -> None:
 def write_text(workdir: str, name: str, text: str) -> None:
   """workdir/name := text (created or replaced)."""
   (epath.Path(workdir) / name).write_text(text)
+
+
+def write_figure(path: str, fig, dpi: int = 110) -> None:
+  """A matplotlib figure as a PNG at `path` (local or gs://; its directory
+  is created). The caller closes the figure."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=dpi)
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(buffer.getvalue())
 
 
 def append_text(workdir: str, name: str, text: str) -> None:

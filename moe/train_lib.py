@@ -46,7 +46,8 @@ class Setup(NamedTuple):
   batch_sharding: NamedSharding
   init: Callable[[jax.Array], TrainState]         # key -> sharded TrainState
   train_step: Callable                            # (state, tokens) -> (state, metrics)
-  eval_step: Callable                             # (state, tokens, cf=None, routes=False) -> metrics
+  eval_step: Callable                             # (state, tokens, cf=None, routes=False,
+                                                  #  compute=None) -> metrics
   loss_and_grads: Callable                        # (state, tokens) -> (loss, metrics, grads)
 
 
@@ -119,9 +120,10 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
                    update_skipped=jnp.logical_not(finite))
     return state._replace(step=state.step + 1), metrics
 
-  def eval_step(state: TrainState, tokens, capacity_factor=None, routes=False):
+  def eval_step(state: TrainState, tokens, capacity_factor=None, routes=False,
+                compute=None):
     _, metrics = lm_loss(_merge(graphdef, state), tokens, train=False,
-                         capacity_factor=capacity_factor, routes=routes)
+                         capacity_factor=capacity_factor, routes=routes, compute=compute)
     return metrics
 
   with jax.set_mesh(mesh):
@@ -129,7 +131,7 @@ def setup(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *,
     jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
     jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=replicated, static_argnums=(2, 3))
+                       out_shardings=replicated, static_argnums=(2, 3, 4))
     jit_grads = jax.jit(loss_and_grads, in_shardings=(state_shardings, batch_sharding),
                         out_shardings=(replicated, replicated, state_shardings.params))
 
@@ -229,8 +231,9 @@ class DocumentLosses(NamedTuple):
 
 
 def evaluate(s: Setup, state: TrainState, eval_set: data.EvalSet,
-             capacity_factor=None) -> tuple[dict, DocumentLosses]:
-  """Eval metrics over `eval_set`, and its losses per document.
+             capacity_factor=None, compute=None) -> tuple[dict, DocumentLosses]:
+  """Eval metrics over `eval_set`, and its losses per document
+  (`capacity_factor`, `compute`: the what-ifs' overrides, moe.eval_lib).
 
   `loss` is exact over the set's target tokens (padding rows weigh 0); the
   router statistics are means over its batches. `tokens` and `documents`
@@ -240,7 +243,7 @@ def evaluate(s: Setup, state: TrainState, eval_set: data.EvalSet,
   totals, n = None, 0
   for batch in eval_set:
     tokens_in = data.global_batch(batch.tokens, s.batch_sharding)
-    m = jax.device_get(s.eval_step(state, tokens_in, capacity_factor))
+    m = jax.device_get(s.eval_step(state, tokens_in, capacity_factor, False, compute))
     weights = np.broadcast_to(batch.weights[:, None], m['token_loss'].shape)
     loss_sum += np.bincount(batch.documents.ravel(),
                             (m.pop('token_loss') * weights).ravel(), n_docs)
@@ -540,10 +543,15 @@ def _train(config, run: run_config.Run, mesh: jax.sharding.Mesh, workdir: str,
   # log, eval or checkpoint is of a step whose update was not checked.
   unchecked = []   # the (step, metrics) dispatched but not yet checked: 0 or 1
 
+  adaptive = cfg.is_moe and cfg.moe.adaptive
+
   def check_updates() -> None:
     while unchecked:
       at_step, step_metrics = unchecked.pop()
       scalars = jax.device_get({k: step_metrics[k] for k in ('loss', 'update_skipped')})
+      if adaptive:   # the compute its tokens took, for tokens/s's FLOPs and MFU
+        ffn = jax.device_get(step_metrics['router'].ffn_per_token)       # [L]
+        throughput.count(cfg.flops_per_token(config.seq_len, ffn))
       if scalars['update_skipped']:
         msg = (f'non-finite loss or gradients at step {at_step} '
                f'(loss={float(scalars["loss"])}); the update was not applied')

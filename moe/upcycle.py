@@ -10,7 +10,8 @@ the MoE's mesh and mapped onto the MoE model:
 
   * every expert of an MoE layer is a copy of that layer's dense SwiGLU
     (w_gate/w_up [D, F] -> [E, D, F], w_down [F, D] -> [E, F, D]);
-  * the router (w_router [D, E]) starts at zero, the balance bias at zero;
+  * the router (w_router [D, E], or [D, N] with cheap experts) starts at
+    zero, the balance bias and any constant experts' vectors at zero;
   * every other parameter (embeddings, attention, norms, the MLPs of the
     layers that stay dense) is carried over as it is;
   * step, optimizer state and data iterator start fresh (the optimizer
@@ -127,6 +128,8 @@ def upcycle_params(dense: dict, moe: dict, cfg: ModelConfig) -> dict:
                      ffn[name], f'blocks/{i}/ffn/{name}')
           for name in ('w_gate', 'w_up', 'w_down')}
       new['ffn']['w_router'] = jnp.zeros_like(ffn['w_router'])
+      if 'const_vectors' in ffn:   # constant experts start at zero, as fresh
+        new['ffn']['const_vectors'] = jnp.zeros_like(ffn['const_vectors'])
       extra = set(ffn) - set(new['ffn'])
       if extra:
         raise ConfigError(f'cannot upcycle blocks/{i}/ffn: no dense source for '

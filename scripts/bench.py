@@ -12,7 +12,10 @@ Every timed function is the library's own (the MoE layer, the jitted train
 step of moe.train_lib.setup, and `moe.dispatch.expert_ffn` alone on random
 cf-1.25 buffers as the floor of the capacity paths, at the config's expert
 count and at 8 and 64 experts, the counts of the 64/8 figure): no
-benchmark-only code path.
+benchmark-only code path. Adaptive compute: the train step with the
+config's FFN experts under fixed top-1, fixed top-2, cheap experts and
+threshold routing (the last two sized for a mean of 1.0 FFN expert per
+token), side by side.
 """
 
 import json
@@ -139,8 +142,35 @@ def _step_fn(config, model_cfg):
   def eval_call():
     jax.block_until_ready(s.eval_step(box['state'], tokens)['loss'])
 
+  def ffn_per_token():   # FFN experts per token of one step, mean over layers
+    return float(np.mean(compiled(box['state'], tokens)[1]['router'].ffn_per_token))
+
   eval_call()   # compile, not timed
-  return call, first, compiled, eval_call
+  return call, first, compiled, eval_call, ffn_per_token
+
+
+def _adaptive_variants(model_cfg) -> dict:
+  """The config's FFN experts under fixed top-1, fixed top-2, top-2 over
+  them plus as many cheap experts (half zero, a quarter copy, a quarter
+  constant) and threshold routing (p = 0.5, at most 2): the last two with
+  capacity sized for a mean of 1.0 FFN expert per token (compute_target),
+  the buffers of top-1."""
+  import dataclasses
+  m = model_cfg.moe
+  e = m.num_experts
+  base = dataclasses.replace(m, top_k=2, num_zero_experts=0, num_copy_experts=0,
+                             num_const_experts=0, top_p=0.0, compute_target=0.0,
+                             compute_loss_coef=0.0)
+  moes = {
+      'top1': dataclasses.replace(base, top_k=1),
+      'top2': base,
+      'cheap': dataclasses.replace(base, num_zero_experts=e - e // 2 - e // 4,
+                                   num_copy_experts=e // 4, num_const_experts=e // 4,
+                                   compute_target=1.0, compute_loss_coef=1.0),
+      'top_p': dataclasses.replace(base, top_p=0.5, compute_target=1.0,
+                                   compute_loss_coef=1.0),
+  }
+  return {n: dataclasses.replace(model_cfg, moe=c) for n, c in moes.items()}
 
 
 def _eval_share(config, eval_batch_s: float, step_s: float) -> dict:
@@ -268,6 +298,19 @@ def main(argv):
   result['loader'] = {**loader, 'consumed_rows_per_sec': consumed,
                       'over_consumption': loader['rows_per_sec'] / consumed,
                       'fetch_share_of_step': consumed / loader['rows_per_sec']}
+  # Adaptive compute: is the FLOP saving real in step time? Fixed top-1
+  # and top-2 against cheap experts and threshold routing sized for 1.0.
+  adaptive = _adaptive_variants(moe_cfg)
+  built_adaptive = {n: _step_fn(config, c) for n, c in adaptive.items()}
+  ad_step = _median_times({n: b[0] for n, b in built_adaptive.items()}, steps, rounds)
+  result['adaptive'] = {
+      'step_seconds': ad_step,
+      'capacity': {n: c.moe.capacity(c.moe.seqs_per_group(config.batch_size, config.seq_len)
+                                     * config.seq_len, True) for n, c in adaptive.items()},
+      'ffn_experts_per_token_at_init': {n: b[4]() for n, b in built_adaptive.items()},
+      'over_top2': {n: ad_step[n] / ad_step['top2'] for n in adaptive},
+      'over_top1': {n: ad_step[n] / ad_step['top1'] for n in adaptive},
+  }
   result['mfu_moe_over_dense'] = result['mfu_moe'] / result['mfu_dense']
   result['throughput_over_analytic'] = (result['throughput_ratio_vs_dense_total']
                                         / result['analytic_flop_ratio'])
@@ -292,6 +335,12 @@ def main(argv):
       ('batch fetch time / MoE step time (no overlap counted)',
        result['loader']['fetch_share_of_step'], '< 0.02'),
       ('loader start-up (s): split tokenized, first batch', loader['startup_s'], ''),
+      ('step time, cheap experts (capacity for 1.0 FFN expert) / fixed top-2',
+       result['adaptive']['over_top2']['cheap'], '< 1 (fewer FFN FLOPs)'),
+      ('step time, cheap experts / fixed top-1', result['adaptive']['over_top1']['cheap'], ''),
+      ('step time, threshold p=0.5 (capacity for 1.0) / fixed top-2',
+       result['adaptive']['over_top2']['top_p'], '< 1 (fewer FFN FLOPs)'),
+      ('step time, threshold p=0.5 / fixed top-1', result['adaptive']['over_top1']['top_p'], ''),
       ("the config's evaluations / its training time (eval batch over train step)",
        result['evaluation']['share_of_training'], '<= 0.20'),
       ('peak memory (MiB)', result['peak_memory_mb'], ''),

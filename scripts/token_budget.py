@@ -7,7 +7,8 @@ For every budget (num_steps; the learning-rate schedule is stretched to it,
 eval_every = num_steps / 4) and seed, trains the MoE of --config and its
 matched-active-FLOPs dense twin (moe.run_config.dense_twins: same data order,
 optimizer and schedule) in WORKDIR/steps_{N}/seed_{S}/{moe,dense_active},
-then writes WORKDIR/budget.md (per budget: each seed's final validation
+checkpointed at every eval so that a run stopped part way resumes where it
+was; then writes WORKDIR/budget.md (per budget: each seed's final validation
 losses, the MoE - twin difference and its 95% interval over seeds) and
 WORKDIR/budget_gap.png (the gap against training tokens). Sparse models need
 tokens to fill their parameters; this shows from which budget on the MoE
@@ -57,7 +58,9 @@ def runs(config, steps: list[int], seeds: list[int]) -> dict:
       c = config.copy_and_resolve_references()
       c.num_steps, c.seed = n, seed
       c.eval_every = max(n // 4, 1)
-      c.checkpoint_every = n
+      # A checkpoint at every eval: a long budget stopped part way (a
+      # session's end, a preemption) resumes exactly where it was.
+      c.checkpoint_every = c.eval_every
       twins = run_config.dense_twins(c)
       for arm in ARMS:
         out[n, seed, arm] = twins[arm]

@@ -52,6 +52,7 @@ def data_dir(tmp_path_factory):
 HEAVIEST_FIRST = (
     'test_reliability.py', 'test_train.py', 'test_sharding.py',
     'test_accidents.py', 'test_sweep.py', 'test_compare.py', 'test_bench.py',
+    'test_adaptive.py',
     'test_model.py', 'test_plan.py', 'test_token_budget.py', 'test_upcycle.py',
     'test_moe_layer.py', 'test_routes.py', 'test_dispatch.py',
     'test_gpu_check.py', 'test_launchers.py')

@@ -128,3 +128,74 @@ def random_problem(seed, g, s, d, e, f, router_scale=1.0):
   n = lambda *shape: jnp.asarray(rs.standard_normal(shape), jnp.float32)
   return (n(g, s, d), router_scale * n(d, e) / np.sqrt(d), n(e, d, f) / np.sqrt(d),
           n(e, d, f) / np.sqrt(d), n(e, f, d) / np.sqrt(f))
+
+
+# --- Adaptive compute: cheap experts and threshold routing -------------------------
+
+@dataclasses.dataclass
+class AdaptiveAssignment:
+  choices: np.ndarray        # [G, S, K] index into the choice set (FFN experts first)
+  taken: np.ndarray          # [G, S, K] bool: the threshold kept this choice
+  kept: np.ndarray           # [G, S, K] bool: an FFN choice that got a buffer slot
+  buffers: list              # buffers[g][e] = [(s, kk), ...], FFN experts only
+  capacity: int
+
+
+def assign_adaptive(probs, num_experts: int, k: int, capacity: int,
+                    top_p: float = 0.0) -> AdaptiveAssignment:
+  """Tokens-choose over the whole choice set [G, S, N]: each token's k most
+  likely choices; with top_p, a choice is taken only while the probabilities
+  of the choices before it sum to less than p (the first always). Only taken
+  choices of FFN experts (< num_experts) fill buffers, all first choices
+  before any second choice."""
+  probs = np.asarray(probs, np.float64)
+  g_, s_, n_ = probs.shape
+  choices = np.zeros((g_, s_, k), np.int64)
+  taken = np.ones((g_, s_, k), bool)
+  for g in range(g_):
+    for s in range(s_):
+      order = sorted(range(n_), key=lambda e: -probs[g, s, e])[:k]
+      choices[g, s] = order
+      if 0 < top_p < 1:
+        before = 0.0
+        for kk, e in enumerate(order):
+          taken[g, s, kk] = before < top_p
+          before += probs[g, s, e]
+  kept = np.zeros((g_, s_, k), bool)
+  buffers = [[[] for _ in range(num_experts)] for _ in range(g_)]
+  for g in range(g_):
+    for kk in range(k):
+      for s in range(s_):
+        e = choices[g, s, kk]
+        if taken[g, s, kk] and e < num_experts and len(buffers[g][e]) < capacity:
+          buffers[g][e].append((s, kk))
+          kept[g, s, kk] = True
+  return AdaptiveAssignment(choices, taken, kept, buffers, capacity)
+
+
+def oracle_adaptive(x, w_router, wg, wu, wd, const, asg: AdaptiveAssignment,
+                    num_zero: int, num_copy: int):
+  """y [G, S, D]: FFN experts as in `oracle_moe` (gates = router probs), plus
+  for every taken cheap choice: nothing (zero), prob * x (copy) or
+  prob * vector (constant)."""
+  probs = probs_of(x, w_router)                                   # [G, S, N]
+  e_ = wg.shape[0]
+  y = jnp.zeros(x.shape, jnp.float32)
+  for g in range(x.shape[0]):
+    for e in range(e_):
+      member = np.zeros((x.shape[1],), np.float32)
+      for s, _ in asg.buffers[g][e]:
+        member[s] = 1.0
+      if member.any():
+        h = swiglu_ref(x[g], wg[e], wu[e], wd[e])
+        y = y.at[g].add(h * (probs[g, :, e] * member)[:, None])
+    for s in range(x.shape[1]):
+      for kk in range(asg.choices.shape[-1]):
+        c = int(asg.choices[g, s, kk]) - e_
+        if c < 0 or not asg.taken[g, s, kk] or c < num_zero:
+          continue
+        if c < num_zero + num_copy:
+          y = y.at[g, s].add(probs[g, s, e_ + c] * x[g, s])
+        else:
+          y = y.at[g, s].add(probs[g, s, e_ + c] * const[c - num_zero - num_copy])
+  return y

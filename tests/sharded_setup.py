@@ -13,21 +13,22 @@ from moe.config import ModelConfig, MoeConfig
 GLOBAL_BATCH, SEQ_LEN = 16, 8
 
 
-def model_config(dispatch: str, balance_scope: str = 'group') -> ModelConfig:
+def model_config(dispatch: str, balance_scope: str = 'group', **moe_kw) -> ModelConfig:
   return ModelConfig(
       vocab_size=128, d_model=24, num_layers=2, num_heads=4, head_dim=6,
       mlp_dim=40, max_seq_len=SEQ_LEN,
-      moe=MoeConfig(num_experts=8, top_k=2, expert_dim=12, group_size=SEQ_LEN,
-                    dispatch=dispatch, train_capacity_factor=1.0,
-                    min_capacity=1, balance_scope=balance_scope),
+      moe=MoeConfig(**{**dict(num_experts=8, top_k=2, expert_dim=12, group_size=SEQ_LEN,
+                              dispatch=dispatch, train_capacity_factor=1.0,
+                              min_capacity=1, balance_scope=balance_scope), **moe_kw}),
       moe_every=1)
 
 
 def build(mesh_shape, dispatch: str, devices=None, balance_scope: str = 'group',
-          fsdp: bool = False, dcn_shape=(1, 1, 1)):
+          fsdp: bool = False, dcn_shape=(1, 1, 1), moe_kw=()):
   """(Setup, initial TrainState) on a mesh of the given (whole) shape, with
-  `dcn_shape` domains per axis."""
-  cfg = model_config(dispatch, balance_scope)
+  `dcn_shape` domains per axis; `moe_kw`: (name, value) pairs changing the
+  MoE layer."""
+  cfg = model_config(dispatch, balance_scope, **dict(moe_kw))
   sharding.validate_layout(cfg, mesh_shape, global_batch=GLOBAL_BATCH,
                            seq_len=SEQ_LEN)
   mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)

@@ -68,6 +68,17 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path, data_dir):
   assert ev['eval_batch_s'] > 0
   assert math.isclose(ev['share_of_training'],
                       ev['eval_batches_per_run'] * ev['eval_batch_s'] / (600 * step['moe']))
+  # Adaptive compute: cheap experts and threshold routing get the buffers of
+  # top-1 (capacity for 1.0 FFN expert: 1.25 x 256 / 8 = 40), top-2 twice.
+  ad = r['adaptive']
+  assert ad['capacity'] == {'top1': 40, 'top2': 80, 'cheap': 40, 'top_p': 40}
+  assert ad['ffn_experts_per_token_at_init']['top1'] == 1.0
+  assert ad['ffn_experts_per_token_at_init']['top2'] == 2.0
+  assert 0 <= ad['ffn_experts_per_token_at_init']['cheap'] <= 2
+  assert 1 <= ad['ffn_experts_per_token_at_init']['top_p'] <= 2
+  for name, t in ad['step_seconds'].items():
+    assert math.isclose(ad['over_top2'][name], t / ad['step_seconds']['top2'])
+    assert math.isclose(ad['over_top1'][name], t / ad['step_seconds']['top1'])
   # MFU counts active FLOPs only: FLOPs/token x tokens / step time / peak.
   for name, key in (('moe', 'mfu_moe'), ('dense_total', 'mfu_dense')):
     assert math.isclose(r[key], flops[name] * 4 * 64 / step[name]

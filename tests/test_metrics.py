@@ -24,7 +24,11 @@ def hand_stats():
       expert_load=np.array([[0.5, 0.5, 0.0, 0.0],
                             [0.25, 0.25, 0.25, 0.25]], np.float32),
       dropped_fraction=np.array([0.1, 0.3], np.float32),
-      router_entropy=np.array([1.0, 1.2], np.float32))
+      router_entropy=np.array([1.0, 1.2], np.float32),
+      ffn_per_token=np.array([0.5, 1.25], np.float32),
+      ffn_count_share=np.array([[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]], np.float32),
+      cheap_share=np.array([[0.4, 0.1], [0.2, 0.0]], np.float32),
+      compute_loss=np.array([0.25, 0.0625], np.float32))
 
 
 def real_stats(num_layers=3, num_experts=8):
@@ -67,6 +71,11 @@ def test_router_summary_hand_made():
   assert s['router_entropy'] == pytest.approx(1.1)
   assert s['per_layer/aux_loss'] == [1.0, 1.5]
   assert s['per_layer/z_loss'] == [2.0, 4.0]
+  assert s['per_layer/compute_loss'] == [0.25, 0.0625]
+  assert s['ffn_experts_per_token'] == 0.875
+  assert s['per_layer/ffn_experts_per_token'] == [0.5, 1.25]
+  assert s['ffn_count_share'] == [[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]]
+  np.testing.assert_allclose(s['cheap_share'], [[0.4, 0.1], [0.2, 0.0]], rtol=1e-6)
   json.dumps(s, allow_nan=False)   # JSON-able as is
   # One unstacked layer is accepted as L = 1.
   one = M.router_summary(jax.tree.map(lambda x: x[0], hand_stats()))
@@ -78,11 +87,15 @@ def test_tensorboard_scalar_names():
   assert tags['loss'] == 2.0
   assert tags['expert_load/layer_0/expert_1'] == 0.5
   assert tags['expert_load/layer_1/expert_3'] == 0.25
+  assert tags['ffn_count_share/layer_1/experts_2'] == 0.5
+  assert tags['cheap_share/layer_0/cheap_1'] == pytest.approx(0.1)
+  assert tags['ffn_experts_per_token/layer_1'] == 1.25
   assert tags['dropped_fraction/layer_1'] == pytest.approx(0.3)
   assert tags['dead_experts/layer_0'] == 2.0
   assert tags['load_max_over_mean'] == 1.5
   assert 'per_layer/dropped_fraction' not in tags and 'router' not in tags
-  assert len(tags) == 1 + 4 + 8 + 2 * 6   # loss, 4 means, 2x4 loads, 6 per-layer x 2
+  # loss, 5 means, 2x4 loads, 8 per-layer x 2, 2x3 count shares, 2x2 cheap shares
+  assert len(tags) == 1 + 5 + 8 + 2 * 8 + 6 + 4
 
 
 def test_jsonl_and_tensorboard_round_trip(tmp_path):
@@ -187,6 +200,18 @@ def test_throughput_math_with_fake_clock():
   out = tp.measure(25)
   assert out['step_time'] == 0.1 and out['tokens_per_sec'] == 5 * 4096 / 0.5
   assert tp.measure(25) == {}                 # no step taken
+  # Adaptive compute: every step counted -> their mean FLOPs per token.
+  for f in (3e9, 5e9):
+    tp.count(f)
+  now[0] += 1.0
+  out = tp.measure(27)
+  assert out['flops_per_token'] == 4e9
+  assert out['tflops_per_sec'] == pytest.approx(2 * 4096 / 1.0 * 4e9 / 1e12)
+  tp.count(1e9)                               # 1 of 2 steps counted: nominal
+  now[0] += 1.0
+  out = tp.measure(29)
+  assert 'flops_per_token' not in out
+  assert out['tflops_per_sec'] == pytest.approx(2 * 4096 * 6e9 / 1e12)
   assert tp.info() == {'mfu_peak_source': 'declared', 'peak_tflops_per_device': 1000.0,
                        'num_devices': 8, 'flops_per_token': 6e9}
   with pytest.raises(ValueError, match='peak_source'):

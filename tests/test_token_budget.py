@@ -11,6 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from moe import report  # noqa: E402
+from moe.checkpoint import checkpoint_steps  # noqa: E402
 from tiny import SWITCH_OVERRIDES  # noqa: E402
 
 TINY = {**SWITCH_OVERRIDES, 'eval_batches': 1, 'final_eval_batches': 2}
@@ -39,6 +40,9 @@ def test_budgets_table_and_plot(tmp_path, data_dir):
       finals[arm] = final['loss']
       crcs[arm] = [train[s]['data_crc'] for s in sorted(train)]
     assert crcs['moe'] == crcs['dense_active']           # the same batches
+    # A checkpoint at every eval (every step here; max_to_keep 3), so a
+    # long budget stopped part way resumes.
+    assert checkpoint_steps(os.path.dirname(path)) == list(range(max(steps - 2, 1), steps + 1))
     tokens = steps * 8 * 32
     assert (f"| {steps} | {tokens:,} | 0 | {finals['moe']:.4f} | "
             f"{finals['dense_active']:.4f} | {finals['moe'] - finals['dense_active']:+.4f} |"
