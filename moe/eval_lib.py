@@ -142,18 +142,37 @@ def compute_row(model: ModelConfig, seq_len: int, label: str, override, metrics)
 
 
 def plot_compute_what_if(rows: list[dict], path: str) -> None:
-  """Loss against forward FLOPs per token, one point per row (labelled)."""
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  xs = [r['forward_flops_per_token'] / 1e6 for r in rows]
-  ys = [r['loss'] for r in rows]
-  ax.plot(xs, ys, 'o', color='C0')
-  for r, x, y in zip(rows, xs, ys):
-    ax.annotate(f"{r['setting']}\n{r['ffn_experts_per_token']:.2f} experts",
-                (x, y), fontsize=7, textcoords='offset points', xytext=(4, 4))
-  ax.set_xlabel('forward MFLOPs per token (FFN experts actually taken)')
-  ax.set_ylabel('validation loss (nats/token)')
-  ax.set_title('One checkpoint at several compute settings (no capacity drops)')
-  ax.grid(alpha=0.3)
+  """Loss against forward FLOPs per token: every row (left), and the
+  threshold rows with the model as trained, zoomed (right)."""
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  thresholds = sorted((r for r in rows if r['top_p'] is not None),
+                      key=lambda r: r['forward_flops_per_token'])
+  others = [r for r in rows if r['top_p'] is None]
+  mflops = lambda rs: [r['forward_flops_per_token'] / 1e6 for r in rs]
+  for ax in axes:
+    if thresholds:
+      ax.plot(mflops(thresholds), [r['loss'] for r in thresholds], 'o-', color='C0',
+              label='threshold routing at p')
+    for r, marker, colour in zip(others, '*s^', ('C1', 'C3', 'C2')):
+      ax.plot(mflops([r]), [r['loss']], marker, color=colour, markersize=10,
+              label=f"{r['setting']} ({r['ffn_experts_per_token']:.2f} FFN experts)")
+    ax.set_xlabel('forward MFLOPs per token (FFN experts actually taken)')
+    ax.grid(alpha=0.3)
+  for r in thresholds:
+    axes[1].annotate(f"p={r['top_p']:g}: {r['ffn_experts_per_token']:.3f}",
+                     (r['forward_flops_per_token'] / 1e6, r['loss']), fontsize=7,
+                     textcoords='offset points', xytext=(3, 5), rotation=30)
+  zoomed = thresholds + [r for r in others if r['cheap_experts']]
+  if zoomed:
+    losses = [r['loss'] for r in zoomed]
+    pad = max(max(losses) - min(losses), 1e-4)
+    axes[1].set_ylim(min(losses) - pad, max(losses) + 2 * pad)
+    xs = mflops(zoomed)
+    axes[1].set_xlim(min(xs) - 0.02 * max(xs), max(xs) + 0.02 * max(xs))
+  axes[0].set_ylabel('validation loss (nats/token)')
+  axes[0].set_title('Every setting (no capacity drops)')
+  axes[1].set_title('The threshold sweep, zoomed')
+  axes[0].legend(fontsize=7)
   fig.tight_layout()
   run_dir.write_figure(path, fig)
   plt.close(fig)
@@ -171,7 +190,7 @@ def format_table(result: dict) -> str:
   for layer, load in enumerate(result.get('expert_load', [])):
     lines.append(f'| expert_load layer {layer} | '
                  + ' '.join(f'{x:.3f}' for x in load) + ' |')
-  if 'capacity_what_if' in result:
+  if result.get('capacity_what_if'):   # () asks for none
     lines += ['', '| capacity factor | dropped fraction | loss |', '|---|---|---|']
     for row in result['capacity_what_if']:
       lines.append(f"| {row['capacity_factor']} | {row['dropped_fraction']:.4f} "

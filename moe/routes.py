@@ -217,9 +217,12 @@ def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
             num_ffn: int | None = None) -> dict:
   """The statistics of the module doc, JSON-able. `num_experts`: the
   router's choices (with cheap experts, E FFN experts then the cheap ones;
-  `num_ffn` = E). Dropped: a tokens-choose choice whose expert was full (or
-  that a threshold did not take); an experts-choose token no expert took."""
+  `num_ffn` = E). Dropped: a tokens-choose FFN choice whose expert was
+  full, as a share of the FFN choices made (cheap choices and those a
+  threshold did not take are neither); an experts-choose token no expert
+  took."""
   e = num_experts
+  ffn = e if num_ffn is None else num_ffn
   names = labels.names
   cat = labels.category[routes.position].astype(np.int64)           # [N]
   tok = eval_set.stream[routes.position].astype(np.int64)            # [N]
@@ -247,12 +250,14 @@ def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
     np.add.at(counts, (cat[routed], first[routed]), 1)
     choices = routes.expert[l][routes.expert[l] >= 0]
     load = np.bincount(choices, minlength=e) / max(len(choices), 1)
-    if router == 'tokens_choose':
-      dropped = ~routes.kept[l]                    # [N, K] per choice
-    else:
-      dropped = ~routes.kept[l].any(-1)            # [N] nobody took it
-    dropped_by_cat = dropped.reshape(len(cat), -1).mean(-1)
-    drop_sum = np.bincount(cat, dropped_by_cat, num_cat)
+    if router == 'tokens_choose':   # FFN choices made whose expert was full
+      made = (routes.expert[l] >= 0) & (routes.expert[l] < ffn)           # [N, K]
+      dropped = made & ~routes.kept[l]
+    else:                             # tokens nobody took
+      made = np.ones((len(cat), 1), bool)
+      dropped = ~routes.kept[l].any(-1, keepdims=True)                   # [N, 1]
+    drop_sum = np.bincount(cat, dropped.sum(-1), num_cat)
+    made_sum = np.bincount(cat, made.sum(-1), num_cat)
     experts = []
     for x in range(e):
       mine = first == x
@@ -286,15 +291,15 @@ def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
         'token_explains': explained(tok[routed], first[routed]),
         'expert_load': load.tolist(),
         'dead_experts': int((load == 0).sum()),
-        'dropped_fraction': float(dropped.mean()),
+        'dropped_fraction': float(dropped.sum() / max(made.sum(), 1)),
         'dropped_by_category': [float(s / n) if n else None
-                                for s, n in zip(drop_sum, cat_tokens)],
+                                for s, n in zip(drop_sum, made_sum)],
         'counts': counts.tolist(),
         'experts': experts,
     })
   result['adjacent_layers'] = [_adjacent(top1[l], top1[l + 1], e)
                                for l in range(top1.shape[0] - 1)]
-  result['compute'] = _compute(routes, cat, num_cat, e if num_ffn is None else num_ffn)
+  result['compute'] = _compute(routes, cat, num_cat, ffn)
   return result
 
 

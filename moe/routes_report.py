@@ -191,7 +191,8 @@ def code_picture(eval_set: data.EvalSet, main: routes.Routes,
   expert = np.full(len(eval_set.stream), -2, np.int64)        # -2: not evaluated
   expert[main.position] = main.expert[layer, :, 0]
   dropped = np.zeros(len(eval_set.stream), bool)
-  dropped[main.position] = ~main.kept[layer, :, 0]
+  first = main.expert[layer, :, 0]
+  dropped[main.position] = ~main.kept[layer, :, 0] & (first < result['num_ffn_experts'])
   text = _doc_text(labels, starts, document)
   per_byte = np.repeat(np.where(dropped, -1, expert)[lo:hi], labels.length[lo:hi])
   lines, owners, at = [], [], 0

@@ -75,7 +75,7 @@ from moe.layers import project
 
 
 class Routing(NamedTuple):
-  expert_index: jax.Array  # [G, S, K] int32
+  expert_index: jax.Array  # [G, S, K] int32; -1: a choice threshold routing did not take
   slot: jax.Array          # [G, S, K] int32 position in the expert's buffer
   kept: jax.Array          # [G, S, K] bool, False where the expert was full
   gate: jax.Array          # [G, S, K] float32 combine weight, 0 where dropped
@@ -84,7 +84,9 @@ class Routing(NamedTuple):
 
 class TokenRoutes(NamedTuple):
   """Each token's routing, token-major (the routes analysis, moe.routes).
-  K choices per token; experts-choose: K = E, choice e is expert e."""
+  K choices per token; experts-choose: K = E, choice e is expert e.
+  With cheap experts, indices >= E are cheap ones (never kept: they take no
+  slot); -1 marks a choice threshold routing did not take."""
   expert_index: jax.Array  # [B, T, K] int32
   kept: jax.Array          # [B, T, K] bool
   gate: jax.Array          # [B, T, K] float32, 0 where dropped
@@ -270,6 +272,8 @@ def tokens_choose(logits, cfg: MoeConfig, capacity: int,
     dropped = (jnp.sum(ffn & ~kept, dtype=jnp.float32)
                / jnp.maximum(jnp.sum(ffn, dtype=jnp.float32), 1.0))
     count = jnp.sum(ffn, -1, dtype=jnp.int32)                    # [G, S]
+  if taken is not None:   # a choice the threshold did not take: no expert
+    expert_index = jnp.where(taken, expert_index, -1)
   routing = Routing(expert_index.astype(jnp.int32), slot, kept, out_gate, capacity)
   cheap = jnp.zeros((cfg.num_cheap_experts,), jnp.float32)
   if cfg.num_cheap_experts:

@@ -163,6 +163,8 @@ def test_threshold_takes_choices_until_their_probability_reaches_p():
     m = MoeConfig(num_experts=4, top_k=3, top_p=p, group_size=1)
     r, stats = routing.tokens_choose(logits, m, 4)
     assert int(np.asarray(r.kept).sum()) == want, p
+    # Untaken choices name no expert.
+    assert np.asarray(r.expert_index)[0, 0].tolist() == [0, 1, 2][:want] + [-1] * (3 - want)
     np.testing.assert_allclose(np.asarray(r.gate)[0, 0, :want], probs[:want], rtol=1e-6)
     assert np.all(np.asarray(r.gate)[0, 0, want:] == 0.0)
     assert float(stats.ffn_per_token) == want

@@ -121,26 +121,33 @@ def test_statistics_by_hand():
 
 
 def test_compute_by_category_and_loss_by_hand():
-  """Where the compute went: 2 FFN experts (0, 1) and a cheap one (2);
-  top-2; loss j = j. Tokens 0-2 take two FFN experts, 3-4 one and a cheap
-  one, token 5 only the cheap one (its second choice not taken)."""
+  """Where the compute went, and drops among FFN choices only: 2 FFN
+  experts (0, 1) and a cheap one (2); top-2; loss j = j. Tokens 0-1 take
+  two FFN experts, token 2 two but its second was dropped, 3-4 one FFN and
+  the cheap one, token 5 only the cheap one (-1: a second choice a
+  threshold did not take)."""
   es = _eval_set([b'ab1', b'a2'], seq_len=2, batch=1)
   labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
-  expert = np.array([[0, 1], [1, 0], [0, 1], [2, 0], [1, 2], [2, 0]])[None]
-  kept = np.array([[1, 1], [1, 1], [1, 1], [0, 1], [1, 0], [0, 0]], bool)[None]
+  expert = np.array([[0, 1], [1, 0], [0, 1], [2, 0], [1, 2], [2, -1]])[None]
+  kept = np.array([[1, 1], [1, 1], [1, 0], [0, 1], [1, 0], [0, 0]], bool)[None]
   r = routes.Routes(np.arange(6), expert, kept, np.ones(expert.shape, np.float32),
                     np.arange(6, dtype=np.float32))
   res = routes.analyse(r, labels, es, data.ByteTokenizer(), 3, 'tokens_choose',
                        num_ffn=2)
-  c = res['compute']
-  assert c['ffn_per_token'] == pytest.approx([(2 + 2 + 2 + 1 + 1 + 0) / 6])
+  lay = res['layers'][0]
+  assert lay['dropped_fraction'] == pytest.approx(1 / 8)    # of the 8 FFN choices made
   letter, digit = 0, 1            # letters a b a at 0, 1, 4; digits at 2, 5
+  assert lay['dropped_by_category'][digit] == pytest.approx(1 / 2)
+  assert lay['dropped_by_category'][letter] == 0.0
+  assert lay['expert_load'] == pytest.approx([4 / 11, 4 / 11, 3 / 11])
+  c = res['compute']
+  assert c['ffn_per_token'] == pytest.approx([(2 + 2 + 1 + 1 + 1 + 0) / 6])
   assert c['by_category'][0][letter] == pytest.approx(5 / 3)
-  assert c['by_category'][0][digit] == pytest.approx(1.0)
+  assert c['by_category'][0][digit] == pytest.approx(0.5)
   # 10 equal-count bins of 6 tokens: token j in bin j * 10 // 6.
   filled = [0, 1, 3, 5, 6, 8]
   assert [c['loss_bin_mean'][b] for b in filled] == [0, 1, 2, 3, 4, 5]
-  assert [c['by_loss_bin'][0][b] for b in filled] == [2, 2, 2, 1, 1, 0]
+  assert [c['by_loss_bin'][0][b] for b in filled] == [2, 2, 1, 1, 1, 0]
   assert all(c['by_loss_bin'][0][b] == 0 for b in range(10) if b not in filled)
 
 
