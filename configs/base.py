@@ -128,7 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.checkpoint_step = -1     # -1: latest
   # eval.py: compute what-if, each row without capacity drops: 'as_trained',
   # thresholds p in (0, 1] (threshold routing, at most moe.top_k choices),
-  # 'no_cheap' (cheap experts off); 'auto': as trained, p = 0.5 ... 1.0 and
-  # no_cheap where they apply (top_k > 1 or cheap experts), else none.
+  # 'no_cheap' (cheap experts off); ('auto',): for adaptive compute (cheap
+  # experts or moe.top_p) as trained, p = 0.5 ... 1.0 and no_cheap; else none.
   c.eval.compute_what_if = ('auto',)
   return c

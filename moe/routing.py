@@ -352,14 +352,15 @@ def compute_what_if(cfg: MoeConfig, spec) -> list[tuple[str, ComputeOverride | N
   """The rows of eval.py's compute what-if: (label, override) per entry of
   `eval.compute_what_if`. Entries: 'as_trained' (no override), a threshold
   p in (0, 1] (threshold routing at p, at most moe.top_k choices) or
-  'no_cheap' (cheap experts switched off). ('auto',): as trained, then
-  AUTO_THRESHOLDS where they can change the compute (top_k > 1 or cheap
-  experts), then 'no_cheap' where the model has cheap experts; nothing for
-  fixed top-1 or experts-choose. Refuses (ConfigError) what cannot run."""
+  'no_cheap' (cheap experts switched off). ('auto',): for a model with
+  adaptive compute (cheap experts or threshold routing), as trained, then
+  AUTO_THRESHOLDS, then 'no_cheap' where it has cheap experts; nothing for
+  fixed top-k (each row is a pass over the eval set; ask for thresholds
+  explicitly). Refuses (ConfigError) what cannot run."""
   if isinstance(spec, (str, int, float)):
     spec = (spec,)
   if tuple(spec) == ('auto',):
-    if cfg.router != 'tokens_choose' or not (cfg.top_k > 1 or cfg.adaptive):
+    if not cfg.adaptive:
       return []
     spec = ('as_trained', *AUTO_THRESHOLDS) + (('no_cheap',) if cfg.num_cheap_experts else ())
   rows = []

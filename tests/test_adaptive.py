@@ -279,6 +279,27 @@ def test_compute_override_switches_cheap_experts_off_and_sets_the_threshold():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_compute_what_if_rows_and_refusals():
+  fixed2 = MoeConfig(top_k=2)
+  cheap = MoeConfig(top_k=2, num_zero_experts=2, num_copy_experts=2)
+  thresh = MoeConfig(top_k=2, top_p=0.5)
+  labels = lambda cfg, spec: [l for l, _ in routing.compute_what_if(cfg, spec)]
+  assert labels(MoeConfig(), ('auto',)) == [] and labels(fixed2, ('auto',)) == []
+  auto = ['as trained'] + [f'top_p={p}' for p in routing.AUTO_THRESHOLDS]
+  assert labels(thresh, ('auto',)) == auto
+  assert labels(cheap, ('auto',)) == auto + ['no cheap experts']
+  rows = routing.compute_what_if(fixed2, (0.5, 1))      # asked for explicitly
+  assert [o.top_p for _, o in rows] == [0.5, 1.0]
+  for cfg, spec, message in [
+      (cheap, (1.5,), 'has 1.5'), (cheap, ('all',), "has 'all'"),
+      (fixed2, ('no_cheap',), 'no cheap experts'),
+      (MoeConfig(router='experts_choose'), (0.5,), "needs moe.router='tokens_choose'"),
+      (MoeConfig(num_experts=2, top_k=3, num_zero_experts=2), ('no_cheap',),
+       'between 1 and moe.num_experts=2')]:
+    with pytest.raises(ConfigError, match=message):
+      routing.compute_what_if(cfg, spec)
+
+
 # --- Config --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('kw,message', [

@@ -551,6 +551,8 @@ def test_train_py_rejects_a_misspelled_override(tmp_path):
      "FATAL DatasetNotPreparedError: Unknown or missing dataset data.name='no_such_dataset'"),
     ('--config.data.name=text_files --config.data.text_files=/nonexistent/*.txt',
      "FATAL ConfigError: text_files='/nonexistent/*.txt' matches no files"),
+    ('--config.moe.num_copy_experts=2 --config.eval.compute_what_if=(0.5,1.5)',
+     'FATAL ConfigError: eval.compute_what_if has 1.5; each entry must be'),
 ])
 def test_train_py_reports_a_bad_value_in_one_line(override, first_line, tmp_path):
   """No traceback (TFDS's chained one lists every dataset it knows), and
