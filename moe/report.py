@@ -48,8 +48,8 @@ def read_metrics(path: str) -> tuple[dict, dict, dict, dict]:
     except json.JSONDecodeError:  # a line cut short by a crash
       continue
     step = row.pop('step')
-    if 'flops_per_token' in row:
-      info.update(row)
+    if 'mfu_peak_source' in row:   # logged once at start (train rows of an
+      info.update(row)             # adaptive model carry flops_per_token too)
     elif any(k.startswith('eval/') for k in row):
       evals[step] = {k[len('eval/'):]: v for k, v in row.items()}
     elif any(k.startswith('final/') for k in row):

@@ -391,7 +391,7 @@ def test_adaptive_run_eval_compute_what_if_and_routes(data_dir, tmp_path):
   compute went."""
   import warnings
   from configs import adaptive
-  from moe import eval_lib, routes_report, run_config, train_lib
+  from moe import eval_lib, report, routes_report, run_config, train_lib
   from tiny import loop_settings, read_jsonl, shrink_trunk
   c = loop_settings(shrink_trunk(adaptive.get_config('cpu')), data_dir, num_steps=3)
   c.batch_size = 16              # 8 groups of 2 sequences: one per device
@@ -405,6 +405,12 @@ def test_adaptive_run_eval_compute_what_if_and_routes(data_dir, tmp_path):
   for l in lines[1:]:   # step 1 only starts the throughput interval
     assert l['flops_per_token'] == pytest.approx(
         model.flops_per_token(c.seq_len, l['per_layer/ffn_experts_per_token']))
+  # The reports read the start's nominal figure as info and keep every
+  # train row, although those carry the FLOPs the tokens took.
+  info, train, _, final = report.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  assert info['flops_per_token'] == model.flops_per_token(c.seq_len)
+  assert sorted(train) == [1, 2, 3] and 'flops_per_token' in train[3]
+  assert final['ffn_experts_per_token'] > 0
   result = eval_lib.run_eval(c, workdir)
   rows = {r['setting']: r for r in result['compute_what_if']}
   assert list(rows) == ['as trained', 'top_p=0.3', 'top_p=1.0', 'no cheap experts']
