@@ -375,7 +375,7 @@ def local_device_count(python: str) -> int:
 
 TRAIN_COLUMNS = ('loss', 'total_loss', 'aux_loss', 'dropped_fraction',
                  'load_max_over_mean', 'router_entropy', 'dead_experts',
-                 'tokens_per_sec', 'mfu', 'train_seconds')
+                 'ffn_experts_per_token', 'tokens_per_sec', 'mfu', 'train_seconds')
 INFO_COLUMNS = ('num_params', 'num_active_params', 'flops_per_token')
 EVAL_JSON_COLUMNS = ('loss', 'perplexity', 'bits_per_byte', 'dropped_fraction')
 MD_COLUMNS = ('step', 'loss', 'eval/loss', 'final/loss', 'eval.json/loss', 'eval.json/perplexity',
