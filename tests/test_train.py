@@ -505,9 +505,11 @@ def test_routes_py_subprocess(cli_run, data_dir):
       assert 0.0 <= layer[key] <= 1.0, key
     assert sum(layer['expert_load']) == pytest.approx(1.0)
     assert sum(map(sum, layer['counts'])) == r['tokens']     # top-1 of every token
-  # Any other checkpoint is a step or a few before: nearly the same routing.
+  # Any other checkpoint is a step or a few before: mostly the same routing
+  # (steps 50 and 52 of a loaded run: 0.79 to 0.97 by layer), far above
+  # what positions compared out of line would give (about 1 / 8).
   assert [x['step'] for x in r['stability']] == steps[:-1]
-  assert all(0.8 < u <= 1.0 for x in r['stability'] for u in x['unchanged'])
+  assert all(0.6 < u <= 1.0 for x in r['stability'] for u in x['unchanged'])
   md = open(os.path.join(out, 'routes.md')).read()
   assert '| MoE layer | NMI (category) | explained by category |' in md
   assert '![code](code.png)' in md
