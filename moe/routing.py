@@ -251,9 +251,7 @@ def tokens_choose(logits, cfg: MoeConfig, capacity: int,
     ffn = expert_index < e
     if taken is not None:
       ffn = ffn & taken
-    gate_all = gate if taken is None else jnp.where(taken, gate, 0.0)
-  else:
-    gate_all = gate
+  gate_all = gate if taken is None else jnp.where(taken, gate, 0.0)
   if cfg.renormalize_gates:
     gate_all = gate_all / jnp.sum(gate_all, axis=-1, keepdims=True)
   slot_index = expert_index if ffn is None else jnp.where(ffn, expert_index, e)

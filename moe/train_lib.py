@@ -548,10 +548,12 @@ def _train(config, run: run_config.Run, mesh: jax.sharding.Mesh, workdir: str,
   def check_updates() -> None:
     while unchecked:
       at_step, step_metrics = unchecked.pop()
-      scalars = jax.device_get({k: step_metrics[k] for k in ('loss', 'update_skipped')})
+      wanted = {k: step_metrics[k] for k in ('loss', 'update_skipped')}
       if adaptive:   # the compute its tokens took, for tokens/s's FLOPs and MFU
-        ffn = jax.device_get(step_metrics['router'].ffn_per_token)       # [L]
-        throughput.count(cfg.flops_per_token(config.seq_len, ffn))
+        wanted['ffn'] = step_metrics['router'].ffn_per_token            # [L]
+      scalars = jax.device_get(wanted)   # one transfer a step
+      if adaptive:
+        throughput.count(cfg.flops_per_token(config.seq_len, scalars['ffn']))
       if scalars['update_skipped']:
         msg = (f'non-finite loss or gradients at step {at_step} '
                f'(loss={float(scalars["loss"])}); the update was not applied')
