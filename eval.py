@@ -10,17 +10,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
-from moe import cli, config_flag  # noqa: E402  (the flags)
+import jax  # noqa: E402
+
+from moe import cli, config_flag, eval_lib, run_config  # noqa: E402
 
 
 def main(argv):
   del argv
-  from moe.run_config import quiet_logs
-  quiet_logs()
-  import jax  # after flags: jax starts here
-  from moe import eval_lib
+  run = run_config.build(cli.CONFIG.value)
   cli.init_distributed()
-  result = eval_lib.run_eval(cli.CONFIG.value, cli.WORKDIR.value)
+  result = eval_lib.run_eval(run, cli.WORKDIR.value)
   if jax.process_index() == 0:
     print(eval_lib.format_table(result))
 

@@ -1,6 +1,7 @@
 """Pretrains an MoE (or dense) language model; resumes from --workdir.
 
-Intentionally kept short: flags in, `moe.train_lib.train(config, workdir)`.
+Intentionally kept short: flags in, the RunConfig built once
+(`moe.run_config.build`), `moe.train_lib.train(run, workdir)`.
 
   python train.py                                   # CPU Switch recipe, embedded corpus
   python train.py --config configs/gshard.py:cpu --workdir runs/gshard \\
@@ -16,17 +17,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/
 
-from moe import cli, config_flag  # noqa: E402  (the flags)
+from moe import cli, config_flag, run_config, train_lib  # noqa: E402
 
 
 def main(argv):
   del argv
-  from moe.run_config import quiet_logs
-  quiet_logs()
-  from moe import train_lib  # after flags: jax starts here
+  run = run_config.build(cli.CONFIG.value)
   cli.init_distributed()
-  result = train_lib.train(cli.CONFIG.value, cli.WORKDIR.value,
-                           command=shlex.join(sys.argv))
+  result = train_lib.train(run, cli.WORKDIR.value, command=shlex.join(sys.argv))
   print(f"step {result['step']}: train loss {result['train'].get('loss', float('nan')):.4f}, "
         f"eval loss {result['eval'].get('loss', float('nan')):.4f}")
 

@@ -1,5 +1,8 @@
 """Checkpoints: an orbax CheckpointManager holding, per step, the train state
-(model + optimizer), the data iterator's state and the resolved config.
+(model + optimizer), the data iterator's state and the resolved config; and
+the policy of a training (re)start: which step to resume (`resume_point`),
+restoring it, falling back past damage and setting newer steps aside
+(`restore_for_training`, `restore_iterator`).
 
 Saves are asynchronous; a step directory appears only once its save has
 committed, so a crash mid-save leaves the previous checkpoint as the latest
@@ -18,8 +21,10 @@ import time
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from moe import disk_space, run_dir
+from moe import disk_space, process_sync, run_dir
+from moe.user_error import UserError
 
 
 def _path(keys) -> str:
@@ -28,7 +33,7 @@ def _path(keys) -> str:
   return '/'.join(str(p) for p in parts)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be restored; the message names the step."""
 
 
@@ -129,8 +134,7 @@ class Checkpointer:
     except Exception as e:  # orbax re-raises tensorstore's errors as ValueError
       if not disk_space.is_disk_full(e):
         raise
-      raise disk_space.failed_save(self.directory, self._saving,
-                                   self.latest_step()) from None
+      raise disk_space.failed_save(self.directory, self._saving, self.latest_step()) from None
 
   def restore(self, step: int, abstract_state, state_shardings):
     """(state, data_state) of `step`, laid out by `state_shardings`."""
@@ -157,8 +161,7 @@ class Checkpointer:
       return
     if saved is None:
       return
-    want = {_path(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    want = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
     have = {_path(p): tuple(getattr(x, 'shape', None) or ())
             for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
     bad = [f'{k}: checkpoint {have.get(k)} vs config {v}'
@@ -273,3 +276,76 @@ def restarted_from(directory, requested: int) -> bool:
   directory = epath.Path(directory)
   return any(not (p / 'MOVING').exists()
              for p in directory.parent.glob(f'{directory.name}.after_{requested}.*'))
+
+
+def read_state(workdir: str, step: int, abstract_state, state_shardings):
+  """The train state of another run's checkpoint `step` (eval.py,
+  upcycling, routes), laid out by `state_shardings`; read-only."""
+  ckpt = Checkpointer(str(epath.Path(workdir) / 'checkpoints'), read_only=True)
+  try:
+    return ckpt.restore(step, abstract_state, state_shardings)[0]
+  finally:
+    ckpt.close()
+
+
+# --- A training (re)start -----------------------------------------------------------
+
+def resume_point(ckpt: Checkpointer, restore_step: int) -> tuple[int | None, int | None]:
+  """(at_most, step): the restore_step bound still to honour (None: the
+  newest step) and the checkpoint step a restore will start from (None:
+  a fresh run; a damaged newest step may make a fall-back restore older)."""
+  at_most = None if restore_step < 0 else restore_step
+  if at_most is not None and ckpt.restarted_from(at_most):
+    # This restart already happened (a preempted restart re-runs the same
+    # command): resume from the newest checkpoint instead of rewinding again.
+    process_sync.print0(f'restore_step={at_most} was already honoured; resuming '
+                        'from the newest step')
+    at_most = None
+  steps = [s for s in ckpt.all_steps() if at_most is None or s <= at_most]
+  return at_most, max(steps, default=None)
+
+
+def restore_for_training(ckpt: Checkpointer, abstract_state, state_shardings, *,
+                         at_most: int | None, fallback: bool):
+  """(step, state, data_state) to resume from, or None for a fresh run.
+  Then process 0 moves aside (keeps) the steps newer than a restart from
+  `at_most`, or those a fall-back skipped as damaged, so that this run can
+  save them again; every process has looked before any moves."""
+  restored = ckpt.restore_latest(abstract_state, state_shardings,
+                                 fallback=fallback, at_most=at_most)
+  multihost_utils.sync_global_devices('checkpoints restored')
+  if at_most is not None and jax.process_index() == 0:
+    aside = ckpt.set_aside_after(restored[0], at_most)
+    process_sync.print0(f'restarting from step {restored[0]}: newer checkpoints '
+                        f'(if any) moved to {aside}')
+  elif fallback and jax.process_index() == 0:
+    aside = ckpt.set_aside_damaged(None if restored is None else restored[0])
+    if aside:
+      process_sync.print0(f'damaged checkpoints moved to {aside}')
+  multihost_utils.sync_global_devices('checkpoints set aside')
+  ckpt.manager.reload()
+  return restored
+
+
+def restore_iterator(it, data_state: dict, step: int, order: str) -> None:
+  """Puts this process's training iterator where checkpoint `step` left it
+  (its data item holds every process's state). Another process count, or
+  a state of another row order (another data.row_shuffle, or a checkpoint
+  from before rows were shuffled), is a CheckpointError."""
+  states = data_state['iterators']
+  if len(states) != jax.process_count():
+    raise CheckpointError(
+        f'checkpoint step {step} was written by {len(states)} process(es) and '
+        f'this run has {jax.process_count()}: the training data is sharded by '
+        'process, so its data position cannot be restored exactly. Resume '
+        f'with {len(states)} process(es).')
+  state = states[jax.process_index()]
+  try:
+    it.set_state(state)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(
+        f'checkpoint step {step} holds a data-iterator state that does not fit '
+        f"this run's '{order}' row order (state keys {sorted(state)}): it was "
+        'written with another data.row_shuffle, or by a version that did not '
+        'shuffle rows. Resume with the row order it was written with, or '
+        'train in a new workdir.') from e

@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from moe import config_flag
+from moe import config_flag, sharding
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +30,5 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).'
 
 def init_distributed() -> None:
   """jax.distributed from the flags (or the cluster's environment)."""
-  from moe import sharding
   sharding.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                             _PROCESS_ID.value)

@@ -23,6 +23,8 @@ import dataclasses
 import difflib
 import math
 
+from moe.user_error import UserError
+
 ROUTERS = ('tokens_choose', 'experts_choose')
 BALANCE_SCOPES = ('group', 'batch')
 PRIORITIES = ('choice', 'position')
@@ -31,7 +33,7 @@ DTYPES = ('float32', 'bfloat16')
 ATTENTIONS = ('auto', 'xla', 'cudnn')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value that cannot work; the message names it and what is valid."""
 
 
@@ -58,7 +60,7 @@ class MoeConfig:
   priority: str = 'choice'            # capacity priority: 'choice' or 'position'
   renormalize_gates: bool = False     # top-k gates divided by their sum
   dispatch: str = 'gather'            # or 'einsum' (one-hot reference) or 'dropless'
-  group_size: int = 1024              # tokens per routing group (multiple of seq_len)
+  group_size: int = 256               # tokens per routing group (whole sequences)
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
@@ -203,17 +205,17 @@ def capacity(group_size: int, num_experts: int, top_k: float,
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only Transformer LM; `moe=None` makes it dense."""
-  vocab_size: int = 256
-  d_model: int = 256
+  vocab_size: int                     # the tokenizer's (run config: 0)
+  d_model: int = 128
   num_layers: int = 4
   num_heads: int = 4
-  head_dim: int = 64
-  mlp_dim: int = 1024                 # hidden width of the dense SwiGLU layers
-  max_seq_len: int = 256
+  head_dim: int = 32
+  mlp_dim: int = 512                  # hidden width of the dense SwiGLU layers
+  max_seq_len: int = 128
   rope_theta: float = 10_000.0
   dtype: str = 'float32'              # compute dtype; params and router stay f32
   moe: MoeConfig | None = None
-  moe_every: int = 2                  # layer i is MoE when (i + 1) % moe_every == 0
+  moe_every: int = 2                  # every n-th layer is MoE: layer i when (i + 1) % n == 0
   remat: bool = False                 # recompute each block in the backward pass
   attention: str = 'auto'             # kernel: 'xla', 'cudnn' or 'auto' (attention_kernel)
 

@@ -11,11 +11,14 @@ import here: flags are parsed before jax starts.
 
 import contextlib
 import functools
+import logging as py_logging
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from moe.user_error import UserError
 
 
 @contextlib.contextmanager
@@ -50,28 +53,17 @@ def parse(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-# The errors a user's input or machine causes, as (module, class): a config
-# value, an unprepared or damaged dataset, a checkpoint that does not fit or
-# cannot be read, a workdir in use, a full disk.
-USER_ERRORS = (('moe.config', 'ConfigError'),
-               ('moe.data', 'DatasetNotPreparedError'),
-               ('moe.corpus_check', 'CorpusDamagedError'),
-               ('moe.checkpoint', 'CheckpointError'),
-               ('moe.run_lock', 'WorkdirLockedError'),
-               ('moe.disk_space', 'DiskFullError'))
-
-
-def user_error_line(e: BaseException) -> str | None:
-  """`FATAL <error>: <message>` for a USER_ERRORS error, else None. Only a
-  module already imported can have raised its error: nothing is imported
-  here, on the way out."""
-  user_errors = tuple(getattr(sys.modules[module], name)
-                      for module, name in USER_ERRORS if module in sys.modules)
-  return f'FATAL {type(e).__name__}: {e}\n' if isinstance(e, user_errors) else None
+def quiet_logs() -> None:
+  """Warnings and up from every logger (orbax logs each save at INFO),
+  unless the command line asked for --verbosity."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+    py_logging.getLogger().setLevel(py_logging.WARNING)
 
 
 def run(main) -> None:
-  """`app.run(main)` with this module's flag parser. A USER_ERRORS error is
+  """`app.run(main)` with this module's flag parser and quiet logs
+  (`quiet_logs`). A UserError is
   reported like a bad flag: `FATAL <error>: <message>`, exit 1, without the
   traceback (whose chained causes can run to hundreds of lines, e.g. TFDS's
   list of every dataset); --verbosity (absl's) keeps it. Any other error
@@ -79,13 +71,13 @@ def run(main) -> None:
 
   @functools.wraps(main)
   def main_reporting_user_errors(argv):
+    quiet_logs()
     try:
       return main(argv)
-    except Exception as e:  # pylint: disable=broad-except
-      line = user_error_line(e)
-      if line is None or flags.FLAGS['verbosity'].present:
+    except UserError as e:
+      if flags.FLAGS['verbosity'].present:
         raise
-      sys.stderr.write(line)
+      sys.stderr.write(f'FATAL {type(e).__name__}: {e}\n')
       sys.exit(1)
 
   app.run(main_reporting_user_errors, flags_parser=parse)

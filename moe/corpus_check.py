@@ -14,12 +14,14 @@ import bisect
 import itertools
 from typing import Any, NamedTuple
 
+from moe.user_error import UserError
+
 
 # What array_record raises for a record it cannot read or decode.
 READ_ERRORS = (RuntimeError, OSError, ValueError)
 
 
-class CorpusDamagedError(RuntimeError):
+class CorpusDamagedError(UserError, RuntimeError):
   """A prepared shard file that cannot be read (one line: file, rebuild)."""
 
 

@@ -2,10 +2,7 @@
 
 Public interface::
 
-  DataConfig(name='python_stdlib', data_dir=None, text_files=None,
-             tokenizer='bytes', text_key='text', train_split='train',
-             eval_split='validation', read_threads=2, row_shuffle='auto',
-             shuffle_window=8192)                   # frozen, validated
+  DataConfig(name, data_dir, ...)            # frozen, validated (its fields below)
   prepare(cfg) -> tfds DatasetBuilder        # builds our corpora once, reuses
   check_source(cfg)                          # refuses what cannot be read, early
   get_tokenizer(cfg) -> Tokenizer            # .vocab_size .eos_id .pad_id
@@ -105,9 +102,11 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from moe import corpus_check, data_builders, run_dir
 from moe.config import ConfigError
+from moe.user_error import UserError
 
 OUR_DATASETS = ('python_stdlib', 'text_files')
 _TFDS_NAME = re.compile(r'^[a-z][a-z0-9_]*(/[A-Za-z0-9_.+-]+)?(:[0-9.*]+)?$')
@@ -119,7 +118,7 @@ ROW_SHUFFLES = ('auto', 'global', 'window')
 GLOBAL_SHUFFLE_MAX_BYTES = 1 << 30
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
   """A TFDS dataset that is unknown, missing or not prepared as array_record.
 
   The message holds the command that prepares it."""
@@ -129,14 +128,16 @@ class DatasetNotPreparedError(FileNotFoundError):
 class DataConfig:
   """Which corpus, where it lives, and how it is tokenized and read."""
   name: str = 'python_stdlib'       # or 'text_files', or a TFDS name ('c4/en')
-  data_dir: str | None = None       # None: TFDS's default data dir
-  text_files: str | None = None     # glob or directory, for name='text_files'
+  data_dir: str = ''                # '': TFDS's default (may be gs://bucket/tfds)
+  text_files: str = ''              # glob or directory, for name='text_files'
   tokenizer: str = 'bytes'          # or a SentencePiece .model path
   text_key: str = 'text'            # the text feature of TFDS datasets
   train_split: str = 'train'
   eval_split: str = 'validation'    # e.g. 'test' for lm1b
   read_threads: int = 2             # grain reader threads (0: read inline)
-  row_shuffle: str = 'auto'         # 'global', 'window' or 'auto' (module doc)
+  row_shuffle: str = 'auto'         # training rows: 'global' (a permutation of every
+                                    # packed row), 'window' (for corpora too large to
+                                    # index) or 'auto' (global up to 1 GiB stored)
   shuffle_window: int = 8192        # rows per shuffle window ('window' order)
 
   def __post_init__(self):
@@ -154,7 +155,7 @@ class DataConfig:
         raise ConfigError(
             "data.name='text_files' needs data.text_files: a glob such as "
             "'/data/books/**/*.txt' or a directory.")
-    elif self.text_files is not None:
+    elif self.text_files:
       raise ConfigError(
           f'data.text_files={self.text_files!r} is only used with '
           f"data.name='text_files', not data.name={self.name!r}.")
@@ -168,8 +169,7 @@ class DataConfig:
         raise ConfigError(f'data.{field}={getattr(self, field)!r} must be a '
                           'non-empty string.')
     if not isinstance(self.read_threads, int) or self.read_threads < 0:
-      raise ConfigError(
-          f'data.read_threads={self.read_threads!r} must be an int >= 0.')
+      raise ConfigError(f'data.read_threads={self.read_threads!r} must be an int >= 0.')
     if self.row_shuffle not in ROW_SHUFFLES:
       raise ConfigError(f'data.row_shuffle={self.row_shuffle!r} is not valid; '
                         f'choose one of {ROW_SHUFFLES}.')
@@ -215,12 +215,10 @@ class SentencePieceTokenizer:
       raise ConfigError(
           f'data.tokenizer={path!r} needs the sentencepiece package, which is '
           'not a dependency of moe: pip install sentencepiece') from e
-    from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(path).exists():
       raise ConfigError(f'data.tokenizer={path!r}: no such SentencePiece '
                         "model file (or use tokenizer='bytes').")
-    self._sp = spm.SentencePieceProcessor(
-        model_proto=epath.Path(path).read_bytes())
+    self._sp = spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
     n = self._sp.get_piece_size()
     self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else n
     n = max(n, self.eos_id + 1)
@@ -234,8 +232,7 @@ class SentencePieceTokenizer:
 
   def decode(self, ids) -> str:
     n = self._sp.get_piece_size()
-    return self._sp.decode([int(i) for i in ids
-                            if i < n and i not in (self.eos_id, self.pad_id)])
+    return self._sp.decode([int(i) for i in ids if i < n and i not in (self.eos_id, self.pad_id)])
 
   def token_bytes(self, token_id: int) -> bytes:
     """The bytes one token stands for, near enough for analysis: its piece
@@ -275,8 +272,7 @@ def vocab_size(cfg: DataConfig) -> int:
 def resolve_data_dir(cfg: DataConfig) -> str:
   """cfg.data_dir, or TFDS's default; a gs:// one this machine cannot reach
   is refused (moe.run_dir.check_filesystem)."""
-  d = (str(tfds.core.constants.DATA_DIR) if cfg.data_dir is None
-       else str(cfg.data_dir))
+  d = str(cfg.data_dir or tfds.core.constants.DATA_DIR)
   # A gs:// data_dir goes through etils.epath; the array_record files
   # themselves are opened by array_record's reader.
   run_dir.check_filesystem(d, 'data.data_dir')
@@ -287,8 +283,7 @@ def prepare_command(cfg: DataConfig) -> str:
   """The shell command that prepares `cfg`'s dataset under its data_dir."""
   data_dir = resolve_data_dir(cfg)
   if cfg.name in OUR_DATASETS:
-    extra = (f' --text_files={shlex.quote(cfg.text_files)}'
-             if cfg.text_files else '')
+    extra = (f' --text_files={shlex.quote(cfg.text_files)}' if cfg.text_files else '')
     return (f'python -m moe.data --name={cfg.name}{extra} '
             f'--data_dir={shlex.quote(data_dir)}')
   return (f'tfds build {cfg.name} --file_format=array_record '
@@ -305,7 +300,7 @@ def rebuild_command(cfg: DataConfig) -> str:
 
 def check_source(cfg: DataConfig) -> None:
   """Refuses a data source this run cannot read, from metadata only (for
-  run_config.validate, before anything expensive): a data_dir this machine
+  moe.preflight, before anything expensive): a data_dir this machine
   cannot reach, text_files matching no file, or a TFDS dataset not prepared
   under data_dir (the error says how to prepare it). Ours are built on
   first use (`prepare`)."""
@@ -327,8 +322,7 @@ def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
         file_format='array_record')
   elif cfg.name == 'text_files':
     config = data_builders.text_files_config(cfg.text_files)  # empty: raises
-    builder = data_builders.TextFiles(config=config, data_dir=data_dir,
-                                      file_format='array_record')
+    builder = data_builders.TextFiles(config=config, data_dir=data_dir, file_format='array_record')
   else:
     return _prepared_tfds_builder(cfg, data_dir)
   if not builder.is_prepared():
@@ -345,8 +339,7 @@ def _prepared_tfds_builder(cfg: DataConfig,
     builder = tfds.builder(cfg.name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     base = cfg.name.split('/')[0].split(':')[0]
-    known = list(OUR_DATASETS) + tfds.list_builders(
-        with_community_datasets=False)
+    known = list(OUR_DATASETS) + tfds.list_builders(with_community_datasets=False)
     close = difflib.get_close_matches(base, known, n=3)
     hint = f' Did you mean {" or ".join(map(repr, close))}?' if close else ''
     raise DatasetNotPreparedError(
@@ -588,12 +581,10 @@ class EvalSet(Iterable[EvalBatch]):
                batch_size: int, shard_index: int, shard_count: int):
     self.stream, self.starts = stream, starts
     # [R, L-1]: the stream index of each row's targets (position j + 1).
-    self._positions = (row_index[:, None] * length + 1
-                       + np.arange(length - 1)[None, :])
+    self._positions = (row_index[:, None] * length + 1 + np.arange(length - 1)[None, :])
     self._rows = stream[self._positions[:, :1] - 1 + np.arange(length)]  # [R, L]
     # The document of each target token.
-    self._row_docs = (np.searchsorted(starts, self._positions, side='right')
-                      - 1).astype(np.int32)
+    self._row_docs = (np.searchsorted(starts, self._positions, side='right') - 1).astype(np.int32)
     self._batch_size, self._shard_index = batch_size, shard_index
     self._global = batch_size * shard_count
     self.rows = len(row_index)
@@ -661,7 +652,7 @@ def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
     stream, starts = _concat(cfg, docs)
   num_rows = len(stream) // length
   if num_rows < per_global:
-    raise ValueError(
+    raise ConfigError(
         f'{cfg.name!r} split {split!r} packs into only {num_rows} rows of '
         f'seq_len+1={length} tokens, fewer than one global eval batch '
         f'({batch_size} x {shard_count} processes): use a smaller eval batch '
@@ -669,8 +660,7 @@ def eval_set(cfg: DataConfig, *, seq_len: int, batch_size: int,
   row_index = np.arange(num_rows)
   sampled = max_batches is not None and max_batches * per_global < num_rows
   if sampled:
-    row_index = np.linspace(0, num_rows, max_batches * per_global,
-                            endpoint=False).astype(np.int64)
+    row_index = np.linspace(0, num_rows, max_batches * per_global, endpoint=False).astype(np.int64)
   return EvalSet(stream, starts, row_index, length, covers_split and not sampled,
                  batch_size, shard_index, shard_count)
 
@@ -723,8 +713,7 @@ def verify(cfg: DataConfig) -> dict[str, list[corpus_check.Damage]]:
   """Reads every record of every split of the prepared dataset; the damaged
   shard files of each split (empty lists: intact)."""
   builder = prepare(cfg)
-  return {split: corpus_check.scan(_source(cfg, split))
-          for split in sorted(builder.info.splits)}
+  return {split: corpus_check.scan(_source(cfg, split)) for split in sorted(builder.info.splits)}
 
 
 def rebuild(cfg: DataConfig) -> tfds.core.DatasetBuilder:
@@ -733,7 +722,6 @@ def rebuild(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   if cfg.name not in OUR_DATASETS:
     raise ConfigError(f'{cfg.name!r} is not built by moe; rebuild it where '
                       f'TensorFlow is installed: {rebuild_command(cfg)}')
-  from etils import epath  # pylint: disable=g-import-not-at-top
   builder = prepare(cfg)
   epath.Path(builder.data_dir).rmtree()
   return prepare(cfg)
@@ -757,18 +745,14 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   try:   # bad input: one line, as from train.py (moe.config_flag.run)
-    cfg = DataConfig(name=args.name, data_dir=args.data_dir,
-                     text_files=args.text_files, tokenizer=args.tokenizer)
+    cfg = DataConfig(name=args.name, data_dir=args.data_dir or '',
+                     text_files=args.text_files or '', tokenizer=args.tokenizer)
     if args.verify:
       _print_verification(cfg, verify(cfg), parser)
       return
     builder = rebuild(cfg) if args.rebuild else prepare(cfg)
-  except Exception as e:  # pylint: disable=broad-except
-    from moe import config_flag  # pylint: disable=g-import-not-at-top
-    line = config_flag.user_error_line(e)
-    if line is None:
-      raise
-    parser.exit(1, line)
+  except UserError as e:
+    parser.exit(1, f'FATAL {type(e).__name__}: {e}\n')
   print(f'{cfg.name}: {"rebuilt" if args.rebuild else "prepared"} at '
         f'{builder.data_dir} in {time.perf_counter() - start:.1f}s')
   for split in (cfg.train_split, cfg.eval_split):
@@ -782,8 +766,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _print_verification(cfg: DataConfig, damage: dict, parser) -> None:
   for split, files in damage.items():
-    print(f'{cfg.name} {split}: '
-          + ('intact' if not files else f'{len(files)} damaged file(s)'))
+    print(f'{cfg.name} {split}: ' + ('intact' if not files else f'{len(files)} damaged file(s)'))
     for d in files:
       print(f'  DAMAGED {d.file}: {d.bad_records} unreadable record(s), '
             f'the first at record {d.first_record}')

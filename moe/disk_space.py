@@ -19,6 +19,7 @@ import shutil
 import jax
 
 from moe import run_dir
+from moe.user_error import UserError
 
 # Per checkpoint, above the arrays' bytes: orbax's metadata, the data
 # iterators' state and the config, as JSON, a few KB. The arrays' bytes
@@ -27,7 +28,7 @@ from moe import run_dir
 OVERHEAD_BYTES = 64 << 10
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(UserError, RuntimeError):
   """Not enough space for a checkpoint; the message has both numbers."""
 
 

@@ -32,37 +32,27 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from moe import data, routing, run_config, run_dir, sharding  # noqa: E402
+from moe import checkpoint, data, preflight, routing, run_dir, steps  # noqa: E402
 from moe import metrics as metrics_lib  # noqa: E402
-from moe.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from moe.checkpoint import CheckpointError  # noqa: E402
 from moe.config import ModelConfig  # noqa: E402
-from moe.train_lib import Setup, TrainState, evaluate, make_optimizer, setup  # noqa: E402
+from moe.run_config import RunConfig  # noqa: E402
 
 
-class Restored(NamedTuple):
-  run: run_config.Run
-  setup: Setup
+class Prepared(NamedTuple):
+  """A run's checkpoints, ready to restore on this machine's mesh."""
+  trainer: steps.Trainer
   checkpoint_steps: list[int]       # every step saved in the run
 
 
-def prepare(config, workdir: str) -> Restored:
-  """Validates `config` for this machine and builds its steps on the current
+def prepare(run: RunConfig, workdir: str) -> Prepared:
+  """Checks `run` against this machine and builds its steps on the current
   mesh, before anything is restored (bad input fails here, cheaply)."""
-  run = run_config.validate(config, jax.device_count())
-  data.check_source(run.data)
-  run_dir.check_filesystem(workdir, 'workdir')
-  mesh = sharding.make_mesh(run.mesh_shape, dcn_shape=run.dcn_mesh_shape)
-  s = setup(run.model, make_optimizer(config.optimizer, config.num_steps), mesh,
-            seed=config.seed, fsdp=config.fsdp)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  try:
-    steps = ckpt.all_steps()
-  finally:
-    ckpt.close()
-  return Restored(run, s, steps)
+  mesh = preflight.check(run, workdir, writes=False)
+  return Prepared(steps.build(run, mesh), checkpoint.checkpoint_steps(workdir))
 
 
-def checkpoint_step(r: Restored, step: int, workdir: str) -> int:
+def checkpoint_step(r: Prepared, step: int, workdir: str) -> int:
   """`step`, or the latest for step < 0; refuses a step that was not saved."""
   if step < 0 and r.checkpoint_steps:
     step = r.checkpoint_steps[-1]
@@ -73,34 +63,30 @@ def checkpoint_step(r: Restored, step: int, workdir: str) -> int:
   return step
 
 
-def restore(r: Restored, step: int, workdir: str) -> TrainState:
-  """The train state saved at `step` (checked with `checkpoint_step`),
-  laid out for the current mesh."""
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  try:
-    state, _ = ckpt.restore(step, r.setup.abstract_state, r.setup.state_shardings)
-  finally:
-    ckpt.close()
-  return state
+def restore(r: Prepared, step: int, workdir: str) -> steps.TrainState:
+  """The state saved at `step` (see `checkpoint_step`), on this mesh."""
+  return checkpoint.read_state(workdir, step, r.trainer.abstract_state, r.trainer.state_shardings)
 
 
-def run_eval(config, workdir: str) -> dict:
+def final_eval_set(run: RunConfig) -> data.EvalSet:
+  """This process's rows of the training run's final evaluation
+  (final_eval_batches; 0: the whole split)."""
+  return data.eval_set(run.data, seq_len=run.loop.seq_len,
+                       batch_size=run.loop.batch_size // jax.process_count(),
+                       max_batches=run.loop.final_eval_batches or None)
+
+
+def run_eval(run: RunConfig, workdir: str) -> dict:
   """Restores `workdir`'s checkpoint, evaluates, writes workdir/eval.json."""
-  r = prepare(config, workdir)
-  step = checkpoint_step(r, config.eval.checkpoint_step, workdir)
-  state, run, s = restore(r, step, workdir), r.run, r.setup
+  r = prepare(run, workdir)
+  step = checkpoint_step(r, run.eval.checkpoint_step, workdir)
+  state, t, loop = restore(r, step, workdir), r.trainer, run.loop
 
-  local_batch = config.batch_size // jax.process_count()
-  # The set of the training run's final evaluation (final_eval_batches;
-  # 0: the whole split), also for every row of the what-if.
-  eval_set = data.eval_set(run.data, seq_len=config.seq_len,
-                           batch_size=local_batch,
-                           max_batches=config.final_eval_batches or None)
+  eval_set = final_eval_set(run)   # also for every row of the what-if
   # Bits per byte of what was evaluated: its targets' bytes, not the split's.
-  tokens_per_byte = eval_set.tokens / max(
-      eval_set.target_bytes(data.get_tokenizer(run.data)), 1)
+  tokens_per_byte = eval_set.tokens / max(eval_set.target_bytes(data.get_tokenizer(run.data)), 1)
 
-  result = metrics_lib.summarize(evaluate(s, state, eval_set)[0])
+  result = metrics_lib.summarize(steps.evaluate(t, state, eval_set)[0])
   loss = result['loss']
   result.update(step=step, perplexity=math.exp(min(loss, 700.0)),
                 bits_per_byte=loss / math.log(2) * tokens_per_byte,
@@ -113,20 +99,19 @@ def run_eval(config, workdir: str) -> dict:
     result['capacity_what_if'] = [
         {'capacity_factor': cf,
          **{k: v for k, v in metrics_lib.summarize(
-             evaluate(s, state, eval_set, cf)[0]).items()
+             steps.evaluate(t, state, eval_set, cf)[0]).items()
             if k in ('loss', 'dropped_fraction', 'per_layer/dropped_fraction')}}
-        for cf in config.eval.capacity_factors]
-    rows = routing.compute_what_if(run.model.moe, config.eval.compute_what_if)
+        for cf in run.eval.capacity_factors]
+    rows = routing.compute_what_if(run.model.moe, run.eval.compute_what_if)
     if rows:
       result['compute_what_if'] = [
-          compute_row(run.model, config.seq_len, label, override,
-                      evaluate(s, state, eval_set, 'dropless', override)[0])
+          compute_row(run.model, loop.seq_len, label, override,
+                      steps.evaluate(t, state, eval_set, 'dropless', override)[0])
           for label, override in rows]
   if jax.process_index() == 0:
     run_dir.write_text(workdir, 'eval.json', json.dumps(result, indent=2))
     if 'compute_what_if' in result:
-      plot_compute_what_if(result['compute_what_if'],
-                           os.path.join(workdir, 'compute_what_if.png'))
+      plot_compute_what_if(result['compute_what_if'], os.path.join(workdir, 'compute_what_if.png'))
   return result
 
 
@@ -188,8 +173,7 @@ def format_table(result: dict) -> str:
     if key in result:
       lines.append(f'| {key} | {result[key]:.4f} |')
   for layer, load in enumerate(result.get('expert_load', [])):
-    lines.append(f'| expert_load layer {layer} | '
-                 + ' '.join(f'{x:.3f}' for x in load) + ' |')
+    lines.append(f'| expert_load layer {layer} | ' + ' '.join(f'{x:.3f}' for x in load) + ' |')
   if result.get('capacity_what_if'):   # () asks for none
     lines += ['', '| capacity factor | dropped fraction | loss |', '|---|---|---|']
     for row in result['capacity_what_if']:

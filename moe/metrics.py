@@ -13,9 +13,11 @@ Writers (`MetricWriter`, process 0 only; other processes get a no-op writer):
   * with a remote (gs://) workdir both are written to a local copy and
     uploaded at each checkpoint (`sync`) and at `close`: object stores
     cannot append (moe.run_dir).
-  * a tqdm bar on process 0 showing step, loss and tokens/s. By default it is
-    shown only when stderr is a TTY (tqdm's `disable=None`), so batch logs are
-    not flooded; `progress=False` turns it off, `True` forces it.
+  * a tqdm bar on process 0 showing step, loss and tokens/s. Training passes
+    `progress=config.progress_bar or False`: with configs/base.py's
+    `progress_bar = True` the bar shows whether or not stderr is a TTY, with
+    False it is off. A writer left at `progress=None` shows it only when stderr
+    is a TTY (tqdm's `disable=None`), so batch logs are not flooded.
 
 Metric names (DESIGN.md section 4). `router_summary` turns the model's
 `RouterStats` (stacked over L MoE layers) into:
@@ -93,6 +95,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from moe import run_dir
 from moe.routing import RouterStats
@@ -254,7 +258,6 @@ class MetricWriter:
         f.seek(-1, os.SEEK_END)
         if f.read(1) != b'\n':
           self._jsonl.write('\n')
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(directory, 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -286,7 +289,6 @@ class MetricWriter:
 
   def _update_bar(self, step, metrics):
     if self._bar is None:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       disable = None if self._progress is None else not self._progress
       self._bar = tqdm(total=self._total, initial=int(step), unit='step',
                        dynamic_ncols=True, mininterval=1.0, disable=disable)

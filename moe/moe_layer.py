@@ -63,7 +63,7 @@ class MoeFeedForward(nnx.Module):
     m = cfg.moe
     d, e, f = cfg.d_model, m.num_experts, m.expert_dim
     kr, kg, ku, kd, ks = jax.random.split(key, 5)
-    self.cfg = m
+    self.moe_cfg = m   # (a Transformer's .cfg is its ModelConfig)
     self.dtype = jnp.dtype(cfg.dtype)
     self.w_router = sharding.param(fan_in_init(1), kr, (d, m.num_choices),
                                    ('embed', 'router'))
@@ -90,7 +90,7 @@ class MoeFeedForward(nnx.Module):
     `routes` adds each token's routing to the stats (TokenRoutes);
     `compute` changes the routing's compute in evaluation (eval.py)."""
     b, t, _ = x.shape
-    cfg = self.cfg if compute is None else compute.routing_config(self.cfg)
+    cfg = self.moe_cfg if compute is None else compute.routing_config(self.moe_cfg)
     spg = cfg.seqs_per_group(b, t)
     xg = sharding.constrain(to_groups(x, spg), ('group', 'length', 'act_embed'))
     logits = routing.router_logits(xg, self.w_router[...], cfg=cfg,
@@ -127,6 +127,6 @@ class MoeFeedForward(nnx.Module):
 
   def update_balance_bias(self, expert_load):
     """Applies the aux-loss-free bias rule for this step's load [E]."""
-    if self.cfg.balance_bias_rate > 0:
+    if self.moe_cfg.balance_bias_rate > 0:
       self.balance_bias[...] = routing.balance_bias_update(
-          self.balance_bias[...], expert_load, self.cfg.balance_bias_rate)
+          self.balance_bias[...], expert_load, self.moe_cfg.balance_bias_rate)

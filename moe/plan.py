@@ -27,7 +27,7 @@ may be larger than the machine (a 32-device plan on a laptop). Per device:
     batch: the backward pass frees each layer's residuals as it writes that
     layer's gradients, so the two peak at opposite ends of it (the optimizer
     update runs after both). Compared in tests/test_plan.py with XLA's own
-    figure for the compiled train step of `moe.train_lib.setup`
+    figure for the compiled train step of `moe.steps.build`
     (`memory_analysis()`: arguments + outputs - donated aliases +
     temporaries, `moe.metrics.compiled_memory`, what
     `moe.metrics.peak_memory_mb` reports), within 20%, without remat: XLA:CPU
@@ -60,9 +60,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe import metrics, run_config, sharding
-from moe.config import ModelConfig
+from moe import metrics, sharding, steps
+from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer, lm_loss
+from moe.run_config import RunConfig
 
 F32 = 4
 # Default bandwidths (Gb/s per device, one way): an H100/H200 node's NVLink 4
@@ -198,8 +199,7 @@ def residual_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
   inputs = {id(v) for v in jaxpr.invars} | {id(v) for v in jaxpr.constvars}
   seen = {id(v): v for v in residuals
           if hasattr(v, 'aval') and not hasattr(v, 'val') and id(v) not in inputs}
-  return sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
-             for v in seen.values())
+  return sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize for v in seen.values())
 
 
 def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int,
@@ -208,8 +208,7 @@ def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int,
   local = local_model(cfg, model_axis)
 
   def grows_with_batch(c: ModelConfig) -> int:
-    return (residual_bytes(c, 2 * local_batch, seq_len)
-            - residual_bytes(c, local_batch, seq_len))
+    return (residual_bytes(c, 2 * local_batch, seq_len) - residual_bytes(c, local_batch, seq_len))
   saved = grows_with_batch(local)
   if local.remat:   # plus the one block the backward pass recomputes at a time
     every_block = grows_with_batch(dataclasses.replace(local, remat=False))
@@ -242,45 +241,41 @@ def _moe_layers(cfg: ModelConfig, mesh_shape, dcn_mesh_shape, global_batch: int,
           for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
 
 
-def make_plan(config, num_devices: int | None = None, *,
+def make_plan(run: RunConfig, num_devices: int | None = None, *,
               ici_gbps: float = ICI_GBPS, dcn_gbps: float = DCN_GBPS) -> Plan:
-  """The plan of run config `config` on its mesh (`config.mesh` x
-  `config.dcn_mesh`, with -1 resolved against `num_devices`, default: the
-  mesh's own product); all-to-all times from the declared bandwidths."""
-  from moe import train_lib  # pylint: disable=g-import-not-at-top
+  """The plan of `run` on its mesh (`mesh` x `dcn_mesh`, with -1 resolved
+  against `num_devices`, default: the mesh's own product); all-to-all times
+  from the declared bandwidths."""
   for name, value in (('ici_gbps', ici_gbps), ('dcn_gbps', dcn_gbps)):
     if not value > 0:
-      raise ValueError(f'{name}={value}: a bandwidth must be > 0 (Gb/s).')
+      raise ConfigError(f'{name}={value}: a bandwidth must be > 0 (Gb/s).')
   if num_devices is None:
-    num_devices = math.prod(int(s) for s in (*config.mesh, *config.dcn_mesh))
+    num_devices = math.prod(int(s) for s in (*run.layout.mesh, *run.layout.dcn_mesh))
     if num_devices < 0:
-      raise ValueError(f'mesh {tuple(config.mesh)} has a -1: give num_devices.')
-  run = run_config.validate(config, num_devices)
-  cfg, mesh_shape = run.model, run.mesh_shape
+      raise ConfigError(f'mesh {tuple(run.layout.mesh)} has a -1: give num_devices.')
+  mesh_shape, dcn_mesh_shape = run.mesh_shapes(num_devices)
+  cfg, loop = run.model, run.loop
   sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
-  rule_table = sharding.rules(config.fsdp)
-  tx = train_lib.make_optimizer(config.optimizer, config.num_steps)
-  state = jax.eval_shape(lambda key: train_lib.new_state(cfg, tx, key)[1],
-                         jax.random.key(0))
+  rule_table = sharding.rules(run.layout.fsdp)
+  state = steps.abstract_state(run)[1]
   param_bytes = tree_bytes(state.params, sizes, rule_table)
   batch_shards = mesh_shape[0] * mesh_shape[1]
-  local_batch = config.batch_size // batch_shards
+  local_batch = loop.batch_size // batch_shards
   return Plan(
-      mesh_shape=mesh_shape, dcn_mesh_shape=run.dcn_mesh_shape,
+      mesh_shape=mesh_shape, dcn_mesh_shape=dcn_mesh_shape,
       num_devices=math.prod(mesh_shape),
       num_params=cfg.num_params, num_active_params=cfg.num_active_params,
-      flops_per_token=cfg.flops_per_token(config.seq_len),
-      tokens_per_step=config.batch_size * config.seq_len,
+      flops_per_token=cfg.flops_per_token(loop.seq_len),
+      tokens_per_step=loop.batch_size * loop.seq_len,
       local_batch=local_batch,
       param_bytes=param_bytes,
       optimizer_bytes=(tree_bytes(state.opt_state, sizes, rule_table)
                        + tree_bytes(state.extra, sizes, rule_table)),
       gradient_bytes=param_bytes,
-      activation_bytes=activation_bytes(cfg, local_batch, config.seq_len,
-                                        mesh_shape[2]),
-      batch_bytes=local_batch * (config.seq_len + 1) * 4,
-      moe_layers=_moe_layers(cfg, mesh_shape, run.dcn_mesh_shape,
-                             config.batch_size, config.seq_len),
+      activation_bytes=activation_bytes(cfg, local_batch, loop.seq_len, mesh_shape[2]),
+      batch_bytes=local_batch * (loop.seq_len + 1) * 4,
+      moe_layers=_moe_layers(cfg, mesh_shape, dcn_mesh_shape, loop.batch_size,
+                             loop.seq_len),
       ici_gbps=ici_gbps, dcn_gbps=dcn_gbps)
 
 
@@ -341,15 +336,11 @@ def format_plan(p: Plan) -> str:
   return '\n'.join(lines)
 
 
-def compiled_bytes(config) -> dict:
-  """XLA's memory analysis of the jitted train step of `config` on the
-  local devices (compiles; the mesh must fit this machine)."""
-  from moe import train_lib  # pylint: disable=g-import-not-at-top
-  run = run_config.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(run.mesh_shape, dcn_shape=run.dcn_mesh_shape)
-  s = train_lib.setup(run.model, train_lib.make_optimizer(config.optimizer,
-                                                          config.num_steps),
-                      mesh, seed=config.seed, fsdp=config.fsdp)
-  tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
-                                sharding=s.batch_sharding)
-  return metrics.compiled_memory(s.train_step.lower(s.abstract_state, tokens).compile())
+def compiled_bytes(run: RunConfig) -> dict:
+  """XLA's memory analysis of the jitted train step of `run` on the local
+  devices (compiles; the mesh must fit this machine)."""
+  shape, dcn_shape = run.mesh_shapes(jax.device_count())
+  t = steps.build(run, sharding.make_mesh(shape, dcn_shape=dcn_shape))
+  tokens = jax.ShapeDtypeStruct((run.loop.batch_size, run.loop.seq_len + 1), jnp.int32,
+                                sharding=t.batch_sharding)
+  return metrics.compiled_memory(t.train_step.lower(t.abstract_state, tokens).compile())

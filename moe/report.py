@@ -60,7 +60,7 @@ def read_metrics(path: str) -> tuple[dict, dict, dict, dict]:
   return info, train, evals, final
 
 
-class Run:
+class RunCurves:
   """One run's curves."""
 
   def __init__(self, name: str, workdir: str):
@@ -137,8 +137,7 @@ def _loss_curves(by_seed, path):
 
 
 def _throughput(runs, path):
-  keys = [('tokens_per_sec', 'tokens/s'), ('tflops_per_sec', 'model TFLOP/s'),
-          ('mfu', 'MFU')]
+  keys = [('tokens_per_sec', 'tokens/s'), ('tflops_per_sec', 'model TFLOP/s'), ('mfu', 'MFU')]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for ax, (key, title) in zip(axes, keys):
     vals = [r.median(key) for r in runs]
@@ -183,7 +182,7 @@ def _router(moe, path):
   _save(fig, path)
 
 
-def _speedup(moe: Run, dense: Run) -> tuple[str, str]:
+def _speedup(moe: RunCurves, dense: RunCurves) -> tuple[str, str]:
   """MoE speed-up in steps and wall-clock to reach the twin's last periodic
   evaluation loss (the curves' own set)."""
   step = moe.first_step_reaching(float(dense.eval_loss[-1]))
@@ -233,8 +232,7 @@ def sentence(twin: str, d: intervals.Interval) -> str:
   """One plain sentence: where the MoE stands against `twin`."""
   what = intervals.verdict(d)
   label = LABELS[twin]
-  noise = ('over seeds' if d.kind == 'seeds' else
-           'evaluation noise only: one training run')
+  noise = ('over seeds' if d.kind == 'seeds' else 'evaluation noise only: one training run')
   if what == 'not ranked':
     return (f'Against the {label} twin: not ranked (a single run without '
             f'per-document losses; difference {d.mean:+.4f} nats).')
@@ -254,8 +252,7 @@ def comparison(by_seed: dict) -> tuple[list[str], list[str]]:
            '|---|---|---|---|---|']
   for name, runs in arms.items():
     m = intervals.mean_interval([r.final_loss for r in runs])
-    interval = (f'[{m.low:.4f}, {m.high:.4f}]' if m.kind == 'seeds'
-                else 'one seed')
+    interval = (f'[{m.low:.4f}, {m.high:.4f}]' if m.kind == 'seeds' else 'one seed')
     lines.append(f'| {LABELS[name]} | {len(runs)} | '
                  + ', '.join(f'{r.final_loss:.4f}' for r in runs)
                  + f' | {m.mean:.4f} | {interval} |')
@@ -303,7 +300,7 @@ def write_report(workdir: str) -> str:
     raise FileNotFoundError(
         f'no runs in {workdir}: expected seed_0/moe, seed_0/dense_total, ... '
         '(scripts/compare.py trains them).')
-  by_seed = {s: [Run(name, os.path.join(workdir, f'seed_{s}')) for name in RUNS]
+  by_seed = {s: [RunCurves(name, os.path.join(workdir, f'seed_{s}')) for name in RUNS]
              for s in found}
   runs = by_seed[found[0]]
   moe = runs[0]

@@ -49,7 +49,7 @@ import numpy as np
 
 from moe import data
 from moe import token_categories as tc
-from moe.train_lib import Setup, TrainState
+from moe.steps import Trainer, TrainState
 
 CONTEXT_BYTES = 8
 LOSS_BINS = 10
@@ -64,7 +64,7 @@ class Routes(NamedTuple):
   token_loss: np.ndarray  # float32 [N]: the loss of predicting the next token
 
 
-def collect(s: Setup, state: TrainState, eval_set: data.EvalSet,
+def collect(s: Trainer, state: TrainState, eval_set: data.EvalSet,
             router: str, every: int = 1) -> Routes:
   """Runs `eval_set` once with routes=True (see the module doc), or every
   `every`-th batch of it; `router` is the model's moe.router."""
@@ -212,6 +212,18 @@ def _key_bytes(key: int) -> bytes:
   return int(key).to_bytes(CONTEXT_BYTES, 'big').lstrip(b'\0')
 
 
+class _Tokens(NamedTuple):
+  """The routed tokens, as the per-layer and per-expert statistics read them."""
+  names: tuple[str, ...]   # category names
+  cat: np.ndarray          # int64 [N]: each routed token's category
+  tok: np.ndarray          # int64 [N]: its token
+  contexts: np.ndarray     # uint64 [N]: its context (_context_keys)
+  cat_tokens: np.ndarray   # int64 [len(names)]: routed tokens per category
+  all_counts: np.ndarray   # int64: routed tokens per token
+  tokenizer: object        # shows a token's bytes
+  top: int                 # tokens and contexts listed per expert
+
+
 def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
             num_experts: int, router: str, top: int = 8,
             num_ffn: int | None = None) -> dict:
@@ -221,86 +233,74 @@ def analyse(routes: Routes, labels: Labels, eval_set: data.EvalSet, tokenizer,
   full, as a share of the FFN choices made (cheap choices and those a
   threshold did not take are neither); an experts-choose token no expert
   took."""
-  e = num_experts
-  ffn = e if num_ffn is None else num_ffn
-  names = labels.names
+  ffn = num_experts if num_ffn is None else num_ffn
+  num_cat = len(labels.names)
   cat = labels.category[routes.position].astype(np.int64)           # [N]
   tok = eval_set.stream[routes.position].astype(np.int64)            # [N]
-  contexts = _context_keys(labels, routes.position, eval_set.starts)
-  num_cat = len(names)
-  cat_tokens = np.bincount(cat, minlength=num_cat)
+  t = _Tokens(labels.names, cat, tok, _context_keys(labels, routes.position, eval_set.starts),
+              np.bincount(cat, minlength=num_cat), np.bincount(tok), tokenizer, top)
   # The loss of predicting each target, by the target's category.
   target_cat = labels.category[routes.position + 1].astype(np.int64)
   target_tokens = np.bincount(target_cat, minlength=num_cat)
   loss_sum = np.bincount(target_cat, routes.token_loss.astype(np.float64), num_cat)
-  result = {
-      'tokens': int(len(cat)),
-      'categories': list(names),
-      'category_share': (cat_tokens / len(cat)).tolist(),
-      'category_loss': [float(s / n) if n else None
-                        for s, n in zip(loss_sum, target_tokens)],
-      'layers': [],
-  }
   top1 = routes.expert[:, :, 0]                                        # [L, N]
-  all_counts = np.bincount(tok)
-  for l in range(top1.shape[0]):
-    first = top1[l]
-    routed = first >= 0
-    counts = np.zeros((num_cat, e), np.int64)
-    np.add.at(counts, (cat[routed], first[routed]), 1)
-    choices = routes.expert[l][routes.expert[l] >= 0]
-    load = np.bincount(choices, minlength=e) / max(len(choices), 1)
-    if router == 'tokens_choose':   # FFN choices made whose expert was full
-      made = (routes.expert[l] >= 0) & (routes.expert[l] < ffn)           # [N, K]
-      dropped = made & ~routes.kept[l]
-    else:                             # tokens nobody took
-      made = np.ones((len(cat), 1), bool)
-      dropped = ~routes.kept[l].any(-1, keepdims=True)                   # [N, 1]
-    drop_sum = np.bincount(cat, dropped.sum(-1), num_cat)
-    made_sum = np.bincount(cat, made.sum(-1), num_cat)
-    experts = []
-    for x in range(e):
-      mine = first == x
-      tok_counts = np.bincount(tok[mine], minlength=len(all_counts))
-      best = np.argsort(-tok_counts, kind='stable')[:top]
-      keys, key_counts = np.unique(contexts[mine], return_counts=True)
-      best_ctx = np.argsort(-key_counts, kind='stable')[:top]
-      share = counts[:, x] / max(counts[:, x].sum(), 1)
-      # The category it takes most often relative to the category's share
-      # of all tokens, among categories with >= 20 of its tokens and >= 0.1%
-      # of all (not the 35 EOS of a split).
-      lift = (share / np.maximum(cat_tokens / len(cat), 1e-12)
-              * (counts[:, x] >= 20) * (cat_tokens >= 0.001 * len(cat)))
-      experts.append({
-          'expert': x,
-          'load': float(load[x]),
-          'top_category': names[int(np.argmax(lift))] if lift.any() else None,
+  return {'tokens': int(len(cat)), 'categories': list(labels.names),
+          'category_share': (t.cat_tokens / len(cat)).tolist(),
+          'category_loss': [float(s / n) if n else None for s, n in zip(loss_sum, target_tokens)],
+          'layers': [_layer(routes, l, t, num_experts, ffn, router) for l in range(len(top1))],
+          'adjacent_layers': [_adjacent(top1[l], top1[l + 1], num_experts)
+                              for l in range(len(top1) - 1)],
+          'compute': _compute(routes, cat, num_cat, ffn)}
+
+
+def _layer(routes: Routes, l: int, t: _Tokens, e: int, ffn: int, router: str) -> dict:
+  """MoE layer l's statistics (module doc), what each of its experts takes included."""
+  first = routes.expert[l, :, 0]
+  routed = first >= 0
+  counts = np.zeros((len(t.names), e), np.int64)
+  np.add.at(counts, (t.cat[routed], first[routed]), 1)
+  choices = routes.expert[l][routes.expert[l] >= 0]
+  load = np.bincount(choices, minlength=e) / max(len(choices), 1)
+  if router == 'tokens_choose':   # FFN choices made whose expert was full
+    made = (routes.expert[l] >= 0) & (routes.expert[l] < ffn)           # [N, K]
+    dropped = made & ~routes.kept[l]
+  else:                             # tokens nobody took
+    made = np.ones((len(t.cat), 1), bool)
+    dropped = ~routes.kept[l].any(-1, keepdims=True)                   # [N, 1]
+  drop_sum = np.bincount(t.cat, dropped.sum(-1), len(t.names))
+  made_sum = np.bincount(t.cat, made.sum(-1), len(t.names))
+  return {'layer': l,
+          'nmi': nmi(t.cat[routed], first[routed]),
+          'category_explains': explained(t.cat[routed], first[routed]),
+          'token_explains': explained(t.tok[routed], first[routed]),
+          'expert_load': load.tolist(),
+          'dead_experts': int((load == 0).sum()),
+          'dropped_fraction': float(dropped.sum() / max(made.sum(), 1)),
+          'dropped_by_category': [float(s / n) if n else None for s, n in zip(drop_sum, made_sum)],
+          'counts': counts.tolist(),
+          'experts': [_expert(x, first == x, counts[:, x], load[x], t) for x in range(e)]}
+
+
+def _expert(x: int, mine: np.ndarray, counts: np.ndarray, load: float, t: _Tokens) -> dict:
+  """What expert x takes (module doc); `mine`: the tokens whose first choice it is."""
+  tok_counts = np.bincount(t.tok[mine], minlength=len(t.all_counts))
+  best = np.argsort(-tok_counts, kind='stable')[:t.top]
+  keys, key_counts = np.unique(t.contexts[mine], return_counts=True)
+  best_ctx = np.argsort(-key_counts, kind='stable')[:t.top]
+  share = counts / max(counts.sum(), 1)
+  # The category it takes most often relative to the category's share of all tokens,
+  # among categories with >= 20 of its tokens and >= 0.1% of all (not the 35 EOS of a split).
+  lift = (share / np.maximum(t.cat_tokens / len(t.cat), 1e-12)
+          * (counts >= 20) * (t.cat_tokens >= 0.001 * len(t.cat)))
+  return {'expert': x, 'load': float(load),
+          'top_category': t.names[int(np.argmax(lift))] if lift.any() else None,
           'top_category_lift': float(lift.max()),
           'category_share': share.tolist(),
-          'tokens': [{'token': _shown(tokenizer.token_bytes(int(t))),
-                      'count': int(tok_counts[t]),
-                      'share_of_token': float(tok_counts[t] / all_counts[t])}
-                     for t in best if tok_counts[t] > 0],
+          'tokens': [{'token': _shown(t.tokenizer.token_bytes(int(i))), 'count': int(tok_counts[i]),
+                      'share_of_token': float(tok_counts[i] / t.all_counts[i])}
+                     for i in best if tok_counts[i] > 0],
           'contexts': [{'context': _shown(_key_bytes(keys[i])),
-                        'count': int(key_counts[i])} for i in best_ctx],
-      })
-    result['layers'].append({
-        'layer': l,
-        'nmi': nmi(cat[routed], first[routed]),
-        'category_explains': explained(cat[routed], first[routed]),
-        'token_explains': explained(tok[routed], first[routed]),
-        'expert_load': load.tolist(),
-        'dead_experts': int((load == 0).sum()),
-        'dropped_fraction': float(dropped.sum() / max(made.sum(), 1)),
-        'dropped_by_category': [float(s / n) if n else None
-                                for s, n in zip(drop_sum, made_sum)],
-        'counts': counts.tolist(),
-        'experts': experts,
-    })
-  result['adjacent_layers'] = [_adjacent(top1[l], top1[l + 1], e)
-                               for l in range(top1.shape[0] - 1)]
-  result['compute'] = _compute(routes, cat, num_cat, ffn)
-  return result
+                        'count': int(key_counts[i])} for i in best_ctx]}
 
 
 def _compute(routes: Routes, cat: np.ndarray, num_cat: int, num_ffn: int) -> dict:

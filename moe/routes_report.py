@@ -23,6 +23,7 @@ from etils import epath
 from moe import data, eval_lib, routes, run_dir
 from moe import token_categories as tc
 from moe.config import ConfigError
+from moe.run_config import RunConfig
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # noqa: E402
@@ -44,7 +45,7 @@ def is_current(workdir: str, step: int) -> bool:
   return path.exists() and json.loads(path.read_text()).get('step') == step
 
 
-def run(config, workdir: str, *, step: int = -1, stability: bool = True,
+def run(config: RunConfig, workdir: str, *, step: int = -1, stability: bool = True,
         layer: int | None = None, categories: str | None = None,
         code_document: int | None = None, code_line: int | None = None) -> dict:
   """Analyses `workdir`'s checkpoint at `step` (-1: the latest) on the eval
@@ -55,7 +56,7 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
   evaluated tokens, a third of the way in."""
   started = time.time()
   r = eval_lib.prepare(config, workdir)
-  model = r.run.model
+  model = config.model
   if not model.is_moe:
     raise ConfigError('the routes analysis needs an MoE model; this config '
                       'has moe=None (dense).')
@@ -63,31 +64,27 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
   if layer is not None and not 0 <= layer < num_layers:
     raise ConfigError(f'layer={layer} is not an MoE layer index; the model '
                       f'has {num_layers} MoE layers: 0..{num_layers - 1}.')
-  categories = categories or default_categories(r.run.data.name)
+  categories = categories or default_categories(config.data.name)
   labeller = tc.get(categories)
   step = eval_lib.checkpoint_step(r, step, workdir)
-  eval_set = data.eval_set(
-      r.run.data, seq_len=config.seq_len,
-      batch_size=config.batch_size // jax.process_count(),
-      max_batches=config.final_eval_batches or None)
+  eval_set = eval_lib.final_eval_set(config)
   num_docs = eval_set.num_documents
   if code_document is not None and not 0 <= code_document < num_docs:
     raise ConfigError(f'code_document={code_document} is not a document of '
                       f'the eval set: 0..{num_docs - 1}.')
-  tokenizer = data.get_tokenizer(r.run.data)
+  tokenizer = data.get_tokenizer(config.data)
   labels = routes.label(eval_set, tokenizer, labeller)   # a bad labeller fails here
   doc, first_line = _code_place(eval_set, labels, code_document, code_line)
   router = model.moe.router
-  main = routes.collect(r.setup, eval_lib.restore(r, step, workdir), eval_set, router)
+  main = routes.collect(r.trainer, eval_lib.restore(r, step, workdir), eval_set, router)
   unchanged = []
   if stability:
     for other in r.checkpoint_steps:
       if other != step:
         other_routes = routes.collect(
-            r.setup, eval_lib.restore(r, other, workdir), eval_set, router,
+            r.trainer, eval_lib.restore(r, other, workdir), eval_set, router,
             every=STABILITY_EVERY)
-        unchanged.append({'step': other,
-                          'unchanged': routes.stability(other_routes, main)})
+        unchanged.append({'step': other, 'unchanged': routes.stability(other_routes, main)})
   result = routes.analyse(main, labels, eval_set, tokenizer,
                           model.moe.num_choices, router,
                           num_ffn=model.moe.num_experts)
@@ -105,8 +102,7 @@ def run(config, workdir: str, *, step: int = -1, stability: bool = True,
   if jax.process_index() == 0:
     out = os.path.join(workdir, 'routes')
     _save(heatmap(result), out, 'heatmap.png')
-    _save(code_picture(eval_set, main, labels, layer, doc, first_line, result),
-          out, 'code.png')
+    _save(code_picture(eval_set, main, labels, layer, doc, first_line, result), out, 'code.png')
     if unchanged:
       _save(stability_plot(result), out, 'stability.png')
     if model.moe.adaptive:
@@ -208,15 +204,12 @@ def code_picture(eval_set: data.EvalSet, main: routes.Routes,
     for c, x in enumerate(own):
       grid[r, c] = (colours[x] * [1, 1, 1, 0.55] if x >= 0 else
                     (0.55, 0.55, 0.55, 1.0) if x == -1 else (1, 1, 1, 1))
-  fig, ax = plt.subplots(figsize=(CODE_COLUMNS * 0.085 + 0.5,
-                                  len(grid) * 0.2 + 1.6))
-  ax.imshow(grid, aspect='auto', interpolation='nearest',
-            extent=(0, CODE_COLUMNS, len(grid), 0))
+  fig, ax = plt.subplots(figsize=(CODE_COLUMNS * 0.085 + 0.5, len(grid) * 0.2 + 1.6))
+  ax.imshow(grid, aspect='auto', interpolation='nearest', extent=(0, CODE_COLUMNS, len(grid), 0))
   for r, raw in enumerate(lines):
     for c, b in enumerate(raw):
       if 32 < b < 127:
-        ax.text(c + 0.5, r + 0.5, chr(b), ha='center', va='center',
-                family='monospace', fontsize=7)
+        ax.text(c + 0.5, r + 0.5, chr(b), ha='center', va='center', family='monospace', fontsize=7)
   ax.set_axis_off()
   load = result['layers'][layer]['expert_load']
   handles = [Patch(color=colours[x] * [1, 1, 1, 0.55],
@@ -264,8 +257,7 @@ def stability_plot(result: dict):
   fig, ax = plt.subplots(figsize=(5.5, 3.5))
   steps = [x['step'] for x in rows] + [result['step']]
   for l in range(len(result['layers'])):
-    ax.plot(steps, [x['unchanged'][l] for x in rows] + [1.0], marker='o',
-            label=f'MoE layer {l}')
+    ax.plot(steps, [x['unchanged'][l] for x in rows] + [1.0], marker='o', label=f'MoE layer {l}')
   ax.set_xlabel('checkpoint step')
   ax.set_ylabel(f"top-1 expert as at step {result['step']}")
   ax.set_ylim(0, 1.02)
@@ -327,8 +319,7 @@ def markdown(result: dict) -> str:
       toks = ', '.join(f"{_code(t['token'])} {100 * t['share_of_token']:.0f}%"
                        for t in x['tokens'][:6])
       ctx = ', '.join(_code(c['context']) for c in x['contexts'][:4])
-      top = (f"{x['top_category']} (×{x['top_category_lift']:.1f})"
-             if x['top_category'] else '—')
+      top = (f"{x['top_category']} (×{x['top_category_lift']:.1f})" if x['top_category'] else '—')
       out.append(f"| {x['expert']} | {100 * x['load']:.1f}% | {top} | {toks} | {ctx} |")
   if result['adjacent_layers']:
     out += ['', '## From one MoE layer to the next', '',
@@ -348,28 +339,28 @@ def markdown(result: dict) -> str:
                  + ' | '.join(f'{100 * u:.1f}%' for u in row['unchanged']) + ' |')
     out += ['', '![stability](stability.png)']
   if result.get('adaptive'):
-    c = result['compute']
-    e = result['num_ffn_experts']
-    out += ['', '## Where the compute went', '',
-            f'Experts {e} and above are cheap (zero, copy, constant). FFN experts '
-            'that processed a token (kept choices of experts 0..'
-            f'{e - 1}), by the token\'s own loss (equal-count bins):', '',
-            '| loss bin (mean, nats) | ' + ' | '.join(
-                f"layer {l['layer']}" for l in layers) + ' |',
-            '|---|' + '---|' * len(layers)]
-    for b, mean_loss in enumerate(c['loss_bin_mean']):
-      out.append(f'| {mean_loss:.3f} | ' + ' | '.join(
-          f'{row[b]:.3f}' for row in c['by_loss_bin']) + ' |')
-    out += ['', '| category | ' + ' | '.join(
-        f"layer {l['layer']}" for l in layers) + ' |', '|---|' + '---|' * len(layers)]
-    for i, name in enumerate(names):
-      if share[i] >= 0.001:
-        out.append(f'| {name} | ' + ' | '.join(
-            f'{row[i]:.3f}' for row in c['by_category']) + ' |')
-    out += ['', '![compute](compute.png)']
+    out += _where_the_compute_went(result)
   code = result.get('code', {})
   out += ['', '## Pictures', '', '![heatmap](heatmap.png)', '',
           f"Document {code.get('document')}, from line {code.get('first_line')}, "
           f"coloured by MoE layer {code.get('layer')}'s top-1 expert:", '',
           '![code](code.png)', '']
   return '\n'.join(out)
+
+
+def _where_the_compute_went(result: dict) -> list[str]:
+  """The page's section on adaptive compute: FFN experts per token by loss and category."""
+  c, e = result['compute'], result['num_ffn_experts']
+  columns = ' | '.join(f"layer {l['layer']}" for l in result['layers']) + ' |'
+  rule = '|---|' + '---|' * len(result['layers'])
+  out = ['', '## Where the compute went', '',
+         f'Experts {e} and above are cheap (zero, copy, constant). FFN experts that '
+         f'processed a token (kept choices of experts 0..{e - 1}), by the token\'s own '
+         'loss (equal-count bins):', '', '| loss bin (mean, nats) | ' + columns, rule]
+  for b, mean in enumerate(c['loss_bin_mean']):
+    out.append(f'| {mean:.3f} | ' + ' | '.join(f'{row[b]:.3f}' for row in c['by_loss_bin']) + ' |')
+  out += ['', '| category | ' + columns, rule]
+  for i, name in enumerate(result['categories']):
+    if result['category_share'][i] >= 0.001:
+      out.append(f'| {name} | ' + ' | '.join(f'{row[i]:.3f}' for row in c['by_category']) + ' |')
+  return out + ['', '![compute](compute.png)']

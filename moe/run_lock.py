@@ -34,6 +34,7 @@ import uuid
 from etils import epath
 
 from moe import run_dir
+from moe.user_error import UserError
 
 LOCK_NAME = 'LOCK'
 HEARTBEAT_SECONDS = 10.0
@@ -41,7 +42,7 @@ LEASE_SECONDS = 60.0
 SETTLE_SECONDS = {'local': 0.2, 'remote': 2.0}
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
   """Another live trainer holds the workdir (the message names it)."""
 
 

@@ -181,7 +181,7 @@ def _domains(devices, count: int | None) -> list[int] | None:
 
 def make_mesh(shape, devices=None, dcn_shape=(1, 1, 1)) -> jax.sharding.Mesh:
   """A (data, expert, model) mesh of `shape` (the whole mesh, e.g.
-  `Run.mesh_shape`); axis types are always given explicitly.
+  `RunConfig.mesh_shapes`); axis types are always given explicitly.
 
   With `dcn_shape` (domains per axis) other than all ones, each domain holds
   one `shape / dcn_shape` block, laid out as
@@ -314,13 +314,6 @@ def check_sharded(tree, shardings, min_size: int = 2 ** 14) -> None:
 def _paths_and_leaves(tree):
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return [jax.tree_util.keystr(p) for p, _ in flat], [x for _, x in flat]
-
-
-def bytes_per_device(tree) -> int:
-  """Bytes of the tree's arrays held on the first device."""
-  dev = jax.devices()[0]
-  return sum(s.data.nbytes for x in jax.tree.leaves(tree)
-             for s in x.addressable_shards if s.device == dev)
 
 
 # --- Multi-process -------------------------------------------------------------

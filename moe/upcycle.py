@@ -6,7 +6,8 @@ from a trained dense checkpoint.
 
 On a fresh run (no checkpoint in --workdir yet) whose config sets `init_from`
 to a dense run's workdir, the newest checkpoint of that run is restored under
-the MoE's mesh and mapped onto the MoE model:
+the MoE's mesh (moe.steps.fresh_state) and mapped onto the MoE model by this
+module's pure mapping, `upcycle_params`:
 
   * every expert of an MoE layer is a copy of that layer's dense SwiGLU
     (w_gate/w_up [D, F] -> [E, D, F], w_down [F, D] -> [E, F, D]);
@@ -32,7 +33,7 @@ router, each expert picks the same C tokens). The router's gradient (aux loss)
 and the tokens each expert then receives break the symmetry between the
 copies.
 
-Requirements (checked before anything runs, `check_source`): `init_from` is
+Requirements (checked before anything runs, `check_init_from`, by moe.preflight): `init_from` is
 a directory holding a dense run's checkpoints and its config.json; the MoE's
 trunk equals the dense one (vocab_size, d_model, num_layers, num_heads,
 head_dim, rope_theta, and mlp_dim for the layers that stay dense);
@@ -41,28 +42,15 @@ head_dim, rope_theta, and mlp_dim for the layers that stay dense);
 
 from __future__ import annotations
 
-import json
-
-import jax
 import jax.numpy as jnp
-import ml_collections
 from etils import epath
-from flax import nnx
 
-from moe.checkpoint import Checkpointer, checkpoint_steps
+from moe import run_config
+from moe.checkpoint import checkpoint_steps
 from moe.config import ConfigError, ModelConfig
 
 TRUNK_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'head_dim',
                 'mlp_dim', 'rope_theta')
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to workdir/config.json."""
-  path = epath.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise ConfigError(f'init_from={workdir!r} has no config.json: it is not a '
-                      'run directory written by train.py.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def check_compatible(dense: ModelConfig, moe: ModelConfig, source: str = '') -> None:
@@ -86,17 +74,16 @@ def check_compatible(dense: ModelConfig, moe: ModelConfig, source: str = '') -> 
     raise ConfigError(f'{where}cannot upcycle: ' + '; '.join(bad) + '.')
 
 
-def check_source(init_from: str, moe: ModelConfig) -> ModelConfig:
+def check_init_from(init_from: str, moe: ModelConfig) -> ModelConfig:
   """Validation of `config.init_from`: a dense run's workdir with at least
   one checkpoint, compatible with `moe`. Returns the dense ModelConfig."""
-  from moe import run_config  # pylint: disable=g-import-not-at-top
   if not epath.Path(init_from).is_dir():
     raise ConfigError(f'init_from={init_from!r} is not a directory; give the '
                       'workdir of a trained dense run.')
   if not checkpoint_steps(init_from):
     raise ConfigError(f'init_from={init_from!r} has no checkpoints (no '
                       f'{init_from}/checkpoints/STEP); train the dense model first.')
-  dense = run_config.model_config(load_run_config(init_from))
+  dense = run_config.saved(init_from, 'init_from').model
   check_compatible(dense, moe, init_from)
   return dense
 
@@ -118,8 +105,7 @@ def upcycle_params(dense: dict, moe: dict, cfg: ModelConfig) -> dict:
   out['blocks'] = {}
   for i, block in moe['blocks'].items():
     d_block = dense['blocks'][i]
-    new = {k: copy(d_block[k], v, f'blocks/{i}/{k}')
-           for k, v in block.items() if k != 'ffn'}
+    new = {k: copy(d_block[k], v, f'blocks/{i}/{k}') for k, v in block.items() if k != 'ffn'}
     if cfg.is_moe_layer(int(i)):
       e = cfg.moe.num_experts
       mlp, ffn = d_block['ffn'], block['ffn']
@@ -138,48 +124,3 @@ def upcycle_params(dense: dict, moe: dict, cfg: ModelConfig) -> dict:
       new['ffn'] = copy(d_block['ffn'], block['ffn'], f'blocks/{i}/ffn')
     out['blocks'][i] = new
   return out
-
-
-def restore_dense(init_from: str, mesh, *, fsdp: bool = False):
-  """(step, params, dense ModelConfig) of the newest checkpoint of the dense
-  run `init_from`, laid out on `mesh`. Read-only: never touches that run."""
-  from moe import run_config, train_lib  # pylint: disable=g-import-not-at-top
-  dense_config = load_run_config(init_from)
-  dense = run_config.model_config(dense_config)
-  tx = train_lib.make_optimizer(dense_config.optimizer, dense_config.num_steps)
-  s = train_lib.setup(dense, tx, mesh, fsdp=fsdp)
-  ckpt = Checkpointer(str(epath.Path(init_from) / 'checkpoints'), read_only=True)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ConfigError(f'init_from={init_from!r} has no checkpoints.')
-    state, _ = ckpt.restore(steps[-1], s.abstract_state, s.state_shardings)
-  finally:
-    ckpt.close()
-  return steps[-1], state.params, dense
-
-
-def upcycle_state(config, s, state):
-  """The hook of train_lib.train: `state` (freshly initialized TrainState of
-  the MoE, laid out by `s.state_shardings`) with its parameters upcycled from
-  `config.init_from`. Step, optimizer state and balance bias stay fresh."""
-  from moe import run_config  # pylint: disable=g-import-not-at-top
-  moe = run_config.model_config(config)
-  step, dense_params, dense = restore_dense(config.init_from, s.mesh,
-                                            fsdp=config.fsdp)
-  check_compatible(dense, moe, config.init_from)
-
-  def build(dense_params, moe_params):
-    new = upcycle_params(nnx.to_pure_dict(dense_params),
-                         nnx.to_pure_dict(moe_params), moe)
-    nnx.replace_by_pure_dict(moe_params, new)
-    return moe_params
-
-  with jax.set_mesh(s.mesh):
-    params = jax.jit(build, out_shardings=s.state_shardings.params,
-                     donate_argnums=1)(dense_params, state.params)
-  if jax.process_index() == 0:
-    print(f'upcycled from {config.init_from} (dense step {step}): '
-          f'{moe.moe.num_experts} copies of the dense MLP in each of '
-          f'{moe.num_moe_layers} MoE layers, router at zero', flush=True)
-  return state._replace(params=params)

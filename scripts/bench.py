@@ -9,7 +9,7 @@ steps per model variant and --layer_calls calls per layer variant.
   python scripts/bench.py --config configs/switch.py:cpu --steps 20 --out b.json
 
 Every timed function is the library's own (the MoE layer, the jitted train
-step of moe.train_lib.setup, and `moe.dispatch.expert_ffn` alone on random
+step of moe.steps.build, and `moe.dispatch.expert_ffn` alone on random
 cf-1.25 buffers as the floor of the capacity paths, at the config's expert
 count and at 8 and 64 experts, the counts of the 64/8 figure): no
 benchmark-only code path. Adaptive compute: the train step with the
@@ -18,17 +18,24 @@ threshold routing (the last two sized for a mean of 1.0 FFN expert per
 token), side by side.
 """
 
+import dataclasses
 import json
 import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import flags
+from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-from moe import config_flag  # noqa: E402
+from moe import config_flag, data, dispatch, metrics, run_config, sharding, steps  # noqa: E402
+from moe.layers import Mlp  # noqa: E402
+from moe.moe_layer import MoeFeedForward  # noqa: E402
 
 _CONFIG = config_flag.define(
     os.path.join(ROOT, 'configs', 'switch.py:cpu'),
@@ -50,7 +57,6 @@ _LOADER_BATCHES = flags.DEFINE_integer(
 def _median_times(fns: dict, steps: int, rounds: int) -> dict:
   """Median seconds per call of each fn over at least `steps` timed calls,
   variants interleaved round-robin."""
-  import numpy as np
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
@@ -64,13 +70,6 @@ def _median_times(fns: dict, steps: int, rounds: int) -> dict:
 def _layer_fns(model_cfg, batch: int, seq_len: int):
   """fwd+bwd of the MoE FFN per dispatch path (capacity paths at cf 1.25)
   and of the dense-active SwiGLU."""
-  import dataclasses
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from moe import dispatch
-  from moe.layers import Mlp
-  from moe.moe_layer import MoeFeedForward
 
   m = model_cfg.moe
   x = jax.random.normal(jax.random.key(1), (batch, seq_len, model_cfg.d_model))
@@ -110,23 +109,18 @@ def _layer_fns(model_cfg, batch: int, seq_len: int):
                       lambda mod, xe: dispatch.expert_ffn(
                           jnp.swapaxes(xe, 0, 1), mod.expert_weights(), mod.dtype),
                       buffers)
-  dense = Mlp(model_cfg.d_model, m.top_k * m.expert_dim, model_cfg.dtype,
-              jax.random.key(0))
+  dense = Mlp(model_cfg.d_model, m.top_k * m.expert_dim, model_cfg.dtype, jax.random.key(0))
   fns['dense_active'] = timed(dense, lambda mod, x: mod(x), x)
   return fns
 
 
-def _step_fn(config, model_cfg):
+def _step_fn(run, model_cfg):
   """(call, compile+first-step seconds, compiled, eval call) of the real
   train step, and of its eval step on the same batch."""
-  import jax
-  import numpy as np
-  from moe import sharding, train_lib
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  s = train_lib.setup(model_cfg, train_lib.make_optimizer(config.optimizer, 1000),
-                      mesh, seed=0)
+  s = steps.build(dataclasses.replace(run, model=model_cfg, seed=0), mesh)
   tokens = np.random.default_rng(0).integers(
-      0, model_cfg.vocab_size, (config.batch_size, config.seq_len + 1), dtype=np.int32)
+      0, model_cfg.vocab_size, (run.loop.batch_size, run.loop.seq_len + 1), dtype=np.int32)
   t = time.perf_counter()
   state = s.init(jax.random.key(0))
   tokens = jax.device_put(tokens, s.batch_sharding)
@@ -149,14 +143,113 @@ def _step_fn(config, model_cfg):
   return call, first, compiled, eval_call, ffn_per_token
 
 
-def _adaptive_variants(model_cfg) -> dict:
-  """The config's FFN experts under fixed top-1, fixed top-2, top-2 over
-  them plus as many cheap experts (half zero, a quarter copy, a quarter
-  constant) and threshold routing (p = 0.5, at most 2): the last two with
-  capacity sized for a mean of 1.0 FFN expert per token (compute_target),
-  the buffers of top-1."""
-  import dataclasses
-  m = model_cfg.moe
+def _eval_share(run, eval_batch_s: float, step_s: float) -> dict:
+  """The config's evaluations (every eval_every steps on eval_batches, the
+  last step's on final_eval_batches) against its num_steps train steps,
+  from one eval batch's and one train step's seconds."""
+  cfg = run.data
+
+  def batches(n):
+    return len(data.eval_set(cfg, seq_len=run.loop.seq_len, batch_size=run.loop.batch_size,
+                             max_batches=n or None, shard_index=0, shard_count=1))
+  periodic = -(-run.loop.num_steps // run.loop.eval_every) * batches(run.loop.eval_batches)
+  final = (0 if run.loop.final_eval_batches == run.loop.eval_batches
+           else batches(run.loop.final_eval_batches))
+  return {'eval_batch_s': eval_batch_s, 'eval_batches_per_run': periodic + final,
+          'share_of_training': (periodic + final) * eval_batch_s
+                               / (run.loop.num_steps * step_s)}
+
+
+def _loader(run) -> dict:
+  """The config's training iterator (one process): start-up seconds (the
+  split tokenized and permuted, the first batch) and rows per second after."""
+  cfg = run.data
+  data.prepare(cfg)
+  t = time.perf_counter()
+  it = data.train_iterator(cfg, seq_len=run.loop.seq_len, batch_size=run.loop.batch_size,
+                           seed=0, shard_index=0, shard_count=1)
+  next(it)
+  startup = time.perf_counter() - t
+  n = _LOADER_BATCHES.value
+  t = time.perf_counter()
+  for _ in range(n):
+    next(it)
+  return {'row_shuffle': data.row_shuffle(cfg, cfg.train_split),
+          'startup_s': startup,
+          'rows_per_sec': n * run.loop.batch_size / (time.perf_counter() - t)}
+
+
+def _layer_overhead(run, moe_cfg) -> dict:
+  """Layer overhead: MoE FFN / dense SwiGLU of hidden k*F, fwd+bwd, cf 1.25."""
+  layer = _median_times(_layer_fns(moe_cfg, run.loop.batch_size, run.loop.seq_len),
+                        _LAYER_CALLS.value, -(-_LAYER_CALLS.value // 5))
+  return {'layer_overhead': {d: layer[d] / layer['dense_active'] for d in dispatch.DISPATCHES},
+          'expert_ffn_floor': layer['experts_only'] / layer['dense_active'],
+          'layer_seconds': layer}
+
+
+def _model_throughput(run, moe_cfg, layer_seconds: dict, peak: float) -> tuple[dict, tuple]:
+  """Model throughput, expert scaling and MFU on the real train step, and the MoE's
+  _step_fn tuple. The dense twin with the MoE's active FLOPs bounds what the MoE's
+  MFU can be at this model size (the same attention, norms and small matmuls)."""
+  dense_cfg = moe_cfg.dense_twin_total()
+  variants = {'moe': moe_cfg, 'dense_total': dense_cfg, 'dense_active': moe_cfg.dense_twin_active()}
+  num_experts = moe_cfg.moe.num_experts
+  variants.update({f'e{e}': dataclasses.replace(moe_cfg, moe=dataclasses.replace(
+      moe_cfg.moe, num_experts=e)) for e in (8, 64) if e != num_experts})
+  built = {name: _step_fn(run, cfg) for name, cfg in variants.items()}
+  step = _median_times({n: b[0] for n, b in built.items()}, _STEPS.value, _ROUNDS.value)
+  tokens = run.loop.batch_size * run.loop.seq_len
+  flops = {n: c.flops_per_token(run.loop.seq_len) * tokens / step[n] for n, c in variants.items()}
+  # Step seconds, and expert-FFN-alone seconds, with e experts ('moe' when it has e).
+  at_experts = {e: step['moe' if e == num_experts else f'e{e}'] for e in (8, 64)}
+  at_floor = {e: layer_seconds['experts_only' if e == num_experts else f'experts_only_e{e}']
+              for e in (8, 64)}
+  figures = {'throughput_ratio_vs_dense_total': step['dense_total'] / step['moe'],
+             'analytic_flop_ratio': (dense_cfg.flops_per_token(run.loop.seq_len)
+                                     / moe_cfg.flops_per_token(run.loop.seq_len)),
+             'expert_scaling_64_over_8': at_experts[64] / at_experts[8],
+             # The expert FFN's share of that: its fwd+bwd time at 64 experts minus
+             # at 8, in every MoE layer, over the step-time difference (None when
+             # the 64-expert step is not the slower one). An estimate: the floor
+             # is the gather path's FFN at cf 1.25, the steps use the config's.
+             'expert_ffn_share_of_64_over_8': (
+                 moe_cfg.num_moe_layers * (at_floor[64] - at_floor[8])
+                 / (at_experts[64] - at_experts[8]) if at_experts[64] > at_experts[8] else None),
+             'matmul_peak_gflops': peak / 1e9,
+             'mfu_dense': flops['dense_total'] / peak,
+             'mfu_moe': flops['moe'] / peak,
+             'mfu_dense_active': flops['dense_active'] / peak,
+             'step_seconds': step,
+             'time_to_first_step_s': built['moe'][1],
+             'peak_memory_mb': metrics.peak_memory_mb(built['moe'][2])}
+  if declared := run.loop.peak_flops_per_device:   # the datasheet peak, beside the measured one
+    figures.update(declared_peak_gflops=declared / 1e9,
+                   mfu_dense_vs_declared=flops['dense_total'] / declared,
+                   mfu_moe_vs_declared=flops['moe'] / declared)
+  return figures, built['moe']
+
+
+def _loader_and_evaluation(run, moe_built: tuple, moe_step_s: float) -> dict:
+  """The input pipeline: its rows/s against the MoE step's consumption, and the
+  share of a step that fetching its batch would take if nothing overlapped it (the
+  loop fetches while the device runs the step); the evaluations' share of training."""
+  loader = _loader(run)
+  eval_s = _median_times({'eval': moe_built[3]}, _STEPS.value, _ROUNDS.value)['eval']
+  consumed = run.loop.batch_size / moe_step_s
+  return {'evaluation': _eval_share(run, eval_s, moe_step_s),
+          'loader': {**loader, 'consumed_rows_per_sec': consumed,
+                     'over_consumption': loader['rows_per_sec'] / consumed,
+                     'fetch_share_of_step': consumed / loader['rows_per_sec']}}
+
+
+def _adaptive_compute(run, moe_cfg) -> dict:
+  """Adaptive compute: is the FLOP saving real in step time? The train step with
+  the config's FFN experts under fixed top-1, fixed top-2, top-2 over them plus
+  as many cheap experts (half zero, a quarter copy, a quarter constant) and
+  threshold routing (p = 0.5, at most 2): the last two with capacity sized for
+  a mean of 1.0 FFN expert per token (compute_target), the buffers of top-1."""
+  m = moe_cfg.moe
   e = m.num_experts
   base = dataclasses.replace(m, top_k=2, num_zero_experts=0, num_copy_experts=0,
                              num_const_experts=0, top_p=0.0, compute_target=0.0,
@@ -170,150 +263,20 @@ def _adaptive_variants(model_cfg) -> dict:
       'top_p': dataclasses.replace(base, top_p=0.5, compute_target=1.0,
                                    compute_loss_coef=1.0),
   }
-  return {n: dataclasses.replace(model_cfg, moe=c) for n, c in moes.items()}
+  adaptive = {n: dataclasses.replace(moe_cfg, moe=c) for n, c in moes.items()}
+  built = {n: _step_fn(run, c) for n, c in adaptive.items()}
+  step = _median_times({n: b[0] for n, b in built.items()}, _STEPS.value, _ROUNDS.value)
+  return {'step_seconds': step,
+          'capacity': {n: c.moe.capacity(c.moe.seqs_per_group(run.loop.batch_size, run.loop.seq_len)
+                                         * run.loop.seq_len, True) for n, c in adaptive.items()},
+          'ffn_experts_per_token_at_init': {n: b[4]() for n, b in built.items()},
+          'over_top2': {n: step[n] / step['top2'] for n in adaptive},
+          'over_top1': {n: step[n] / step['top1'] for n in adaptive}}
 
 
-def _eval_share(config, eval_batch_s: float, step_s: float) -> dict:
-  """The config's evaluations (every eval_every steps on eval_batches, the
-  last step's on final_eval_batches) against its num_steps train steps,
-  from one eval batch's and one train step's seconds."""
-  from moe import data, run_config
-  cfg = run_config.data_config(config)
-
-  def batches(n):
-    return len(data.eval_set(cfg, seq_len=config.seq_len, batch_size=config.batch_size,
-                             max_batches=n or None, shard_index=0, shard_count=1))
-  periodic = -(-config.num_steps // config.eval_every) * batches(config.eval_batches)
-  final = (0 if config.final_eval_batches == config.eval_batches
-           else batches(config.final_eval_batches))
-  return {'eval_batch_s': eval_batch_s, 'eval_batches_per_run': periodic + final,
-          'share_of_training': (periodic + final) * eval_batch_s
-                               / (config.num_steps * step_s)}
-
-
-def _loader(config) -> dict:
-  """The config's training iterator (one process): start-up seconds (the
-  split tokenized and permuted, the first batch) and rows per second after."""
-  from moe import data, run_config
-  cfg = run_config.data_config(config)
-  data.prepare(cfg)
-  t = time.perf_counter()
-  it = data.train_iterator(cfg, seq_len=config.seq_len, batch_size=config.batch_size,
-                           seed=0, shard_index=0, shard_count=1)
-  next(it)
-  startup = time.perf_counter() - t
-  n = _LOADER_BATCHES.value
-  t = time.perf_counter()
-  for _ in range(n):
-    next(it)
-  return {'row_shuffle': data.row_shuffle(cfg, cfg.train_split),
-          'startup_s': startup,
-          'rows_per_sec': n * config.batch_size / (time.perf_counter() - t)}
-
-
-def main(argv):
-  del argv
-  from moe.run_config import quiet_logs
-  quiet_logs()
-  import dataclasses
-  import jax
-  import jax.numpy as jnp
-  from moe import dispatch, metrics, run_config
-
-  config = _CONFIG.value
-  moe_cfg = run_config.model_config(config)
-  dense_cfg = moe_cfg.dense_twin_total()
-  active_cfg = moe_cfg.dense_twin_active()
-  steps, rounds = _STEPS.value, _ROUNDS.value
-
-  peak = metrics.measure_matmul_peak(jnp.dtype(moe_cfg.dtype))
-
-  # Layer overhead: MoE FFN / dense SwiGLU of hidden k*F, fwd+bwd, cf 1.25.
-  layer_calls = _LAYER_CALLS.value
-  layer = _median_times(_layer_fns(moe_cfg, config.batch_size, config.seq_len),
-                        layer_calls, -(-layer_calls // 5))
-  overhead = {d: layer[d] / layer['dense_active'] for d in dispatch.DISPATCHES}
-
-  # Model throughput, expert scaling and MFU on the real train step.
-  # The dense twin with the MoE's active FLOPs bounds what the MoE's MFU can
-  # be at this model size (the same attention, norms and small matmuls).
-  def with_experts(e):
-    return dataclasses.replace(moe_cfg, moe=dataclasses.replace(moe_cfg.moe, num_experts=e))
-
-  variants = {'moe': moe_cfg, 'dense_total': dense_cfg, 'dense_active': active_cfg}
-  num_experts = moe_cfg.moe.num_experts
-  variants.update({f'e{e}': with_experts(e) for e in (8, 64) if e != num_experts})
-
-  def at_experts(e):     # step seconds with e experts ('moe' when it has e)
-    return step['moe'] if e == num_experts else step[f'e{e}']
-
-  def at_floor(e):       # expert-FFN-alone seconds with e experts
-    return layer['experts_only' if e == num_experts else f'experts_only_e{e}']
-
-  built = {name: _step_fn(config, cfg) for name, cfg in variants.items()}
-  step = _median_times({n: b[0] for n, b in built.items()}, steps, rounds)
-  tokens = config.batch_size * config.seq_len
-  flops = {n: variants[n].flops_per_token(config.seq_len) * tokens / step[n]
-           for n in variants}
-
-  result = {
-      'device': jax.devices()[0].device_kind,
-      'config': f'{moe_cfg.num_params:,} params, E={moe_cfg.moe.num_experts}, '
-                f'k={moe_cfg.moe.top_k}, d={moe_cfg.d_model}, F={moe_cfg.moe.expert_dim}',
-      'layer_overhead': overhead,
-      'expert_ffn_floor': layer['experts_only'] / layer['dense_active'],
-      'layer_seconds': layer,
-      'throughput_ratio_vs_dense_total': step['dense_total'] / step['moe'],
-      'analytic_flop_ratio': (dense_cfg.flops_per_token(config.seq_len)
-                              / moe_cfg.flops_per_token(config.seq_len)),
-      'expert_scaling_64_over_8': at_experts(64) / at_experts(8),
-      # The expert FFN's share of that: its fwd+bwd time at 64 experts minus
-      # at 8, in every MoE layer, over the step-time difference (None when
-      # the 64-expert step is not the slower one). An estimate: the floor
-      # is the gather path's FFN at cf 1.25, the steps use the config's.
-      'expert_ffn_share_of_64_over_8': (
-          moe_cfg.num_moe_layers * (at_floor(64) - at_floor(8))
-          / (at_experts(64) - at_experts(8))
-          if at_experts(64) > at_experts(8) else None),
-      'matmul_peak_gflops': peak / 1e9,
-      'mfu_dense': flops['dense_total'] / peak,
-      'mfu_moe': flops['moe'] / peak,
-      'mfu_dense_active': flops['dense_active'] / peak,
-      'step_seconds': step,
-      'time_to_first_step_s': built['moe'][1],
-      'peak_memory_mb': metrics.peak_memory_mb(built['moe'][2]),
-  }
-  if config.peak_flops_per_device:        # the datasheet peak, beside the measured one
-    declared = config.peak_flops_per_device
-    result.update(declared_peak_gflops=declared / 1e9,
-                  mfu_dense_vs_declared=flops['dense_total'] / declared,
-                  mfu_moe_vs_declared=flops['moe'] / declared)
-  # The input pipeline: its rows/s against the MoE step's consumption, and
-  # the share of a step that fetching its batch would take if nothing
-  # overlapped it (the loop fetches while the device runs the step).
-  loader = _loader(config)
-  result['evaluation'] = _eval_share(
-      config, _median_times({'eval': built['moe'][3]}, steps, rounds)['eval'], step['moe'])
-  consumed = config.batch_size / step['moe']
-  result['loader'] = {**loader, 'consumed_rows_per_sec': consumed,
-                      'over_consumption': loader['rows_per_sec'] / consumed,
-                      'fetch_share_of_step': consumed / loader['rows_per_sec']}
-  # Adaptive compute: is the FLOP saving real in step time? Fixed top-1
-  # and top-2 against cheap experts and threshold routing sized for 1.0.
-  adaptive = _adaptive_variants(moe_cfg)
-  built_adaptive = {n: _step_fn(config, c) for n, c in adaptive.items()}
-  ad_step = _median_times({n: b[0] for n, b in built_adaptive.items()}, steps, rounds)
-  result['adaptive'] = {
-      'step_seconds': ad_step,
-      'capacity': {n: c.moe.capacity(c.moe.seqs_per_group(config.batch_size, config.seq_len)
-                                     * config.seq_len, True) for n, c in adaptive.items()},
-      'ffn_experts_per_token_at_init': {n: b[4]() for n, b in built_adaptive.items()},
-      'over_top2': {n: ad_step[n] / ad_step['top2'] for n in adaptive},
-      'over_top1': {n: ad_step[n] / ad_step['top1'] for n in adaptive},
-  }
-  result['mfu_moe_over_dense'] = result['mfu_moe'] / result['mfu_dense']
-  result['throughput_over_analytic'] = (result['throughput_ratio_vs_dense_total']
-                                        / result['analytic_flop_ratio'])
+def _print_table(result: dict) -> None:
+  """The figures against their targets, as a markdown table."""
+  overhead, loader = result['layer_overhead'], result['loader']
   rows = [
       ('MoE layer / dense-active layer, gather (cf 1.25)', overhead['gather'], '<= 1.25'),
       ('MoE layer / dense-active layer, einsum (cf 1.25)', overhead['einsum'], '(reference)'),
@@ -331,9 +294,9 @@ def main(argv):
        result['mfu_dense_active'] / result['mfu_dense'], ''),
       ('time to first step (s)', result['time_to_first_step_s'], '<= 30'),
       (f"loader rows/s / rows/s the MoE step consumes ({loader['row_shuffle']} order)",
-       result['loader']['over_consumption'], '>= 10'),
+       loader['over_consumption'], '>= 10'),
       ('batch fetch time / MoE step time (no overlap counted)',
-       result['loader']['fetch_share_of_step'], '< 0.02'),
+       loader['fetch_share_of_step'], '< 0.02'),
       ('loader start-up (s): split tokenized, first batch', loader['startup_s'], ''),
       ('step time, cheap experts (capacity for 1.0 FFN expert) / fixed top-2',
        result['adaptive']['over_top2']['cheap'], '< 1 (fewer FFN FLOPs)'),
@@ -353,6 +316,26 @@ def main(argv):
   print('| figure | measured | target |\n|---|---|---|')
   for name, value, target in rows:
     print(f'| {name} | {"n/a" if value is None else f"{value:.3f}"} | {target} |')
+
+
+def main(argv):
+  del argv
+
+  run = run_config.build(_CONFIG.value)
+  moe_cfg = run.model
+  peak = metrics.measure_matmul_peak(jnp.dtype(moe_cfg.dtype))
+  layer = _layer_overhead(run, moe_cfg)
+  model, moe_built = _model_throughput(run, moe_cfg, layer['layer_seconds'], peak)
+  result = {'device': jax.devices()[0].device_kind,
+            'config': f'{moe_cfg.num_params:,} params, E={moe_cfg.moe.num_experts}, '
+                      f'k={moe_cfg.moe.top_k}, d={moe_cfg.d_model}, F={moe_cfg.moe.expert_dim}',
+            **layer, **model,
+            **_loader_and_evaluation(run, moe_built, model['step_seconds']['moe']),
+            'adaptive': _adaptive_compute(run, moe_cfg)}
+  result['mfu_moe_over_dense'] = result['mfu_moe'] / result['mfu_dense']
+  result['throughput_over_analytic'] = (result['throughput_ratio_vs_dense_total']
+                                        / result['analytic_flop_ratio'])
+  _print_table(result)
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       json.dump(result, f, indent=2)

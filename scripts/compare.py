@@ -24,7 +24,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-from moe import config_flag  # noqa: E402
+from moe import config_flag, report, routes_report, run_config, sweep  # noqa: E402
 
 _CONFIG = config_flag.define(
     os.path.join(ROOT, 'configs', 'switch.py:cpu'),
@@ -38,9 +38,6 @@ _REPORT_ONLY = flags.DEFINE_bool('report_only', False,
 
 def main(argv):
   del argv
-  from moe.run_config import quiet_logs
-  quiet_logs()
-  from moe import report, routes_report, run_config, train_lib
   if not _REPORT_ONLY.value:
     runs = {}
     for seed in range(_SEEDS.value):
@@ -48,10 +45,10 @@ def main(argv):
       config.seed = seed
       for name, c in run_config.dense_twins(config).items():
         runs[os.path.join(_WORKDIR.value, f'seed_{seed}', name)] = c
-    train_lib.train_unfinished(runs, command=shlex.join(sys.argv))
+    sweep.train_unfinished(runs, command=shlex.join(sys.argv))
     moe_dir = os.path.join(_WORKDIR.value, 'seed_0', 'moe')
     if not routes_report.is_current(moe_dir, runs[moe_dir].num_steps):
-      routes_report.run(runs[moe_dir], moe_dir, stability=False)
+      routes_report.run(run_config.build(runs[moe_dir]), moe_dir, stability=False)
   print('report:', report.write_report(_WORKDIR.value))
 
 

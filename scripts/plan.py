@@ -23,7 +23,9 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-from moe import config_flag  # noqa: E402
+import jax  # noqa: E402
+
+from moe import config_flag, plan, run_config  # noqa: E402
 
 _CONFIG = config_flag.define(
     os.path.join(ROOT, 'configs', 'switch.py:cpu'),
@@ -58,24 +60,21 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def main(argv):
   del argv
-  from moe.run_config import quiet_logs
-  quiet_logs()
-  import jax  # pylint: disable=g-import-not-at-top
-  from moe import plan  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if _MESH.value:
     config.mesh = parse_mesh(_MESH.value)
   if _DCN_MESH.value:
     config.dcn_mesh = parse_mesh(_DCN_MESH.value)
+  run = run_config.build(config)
   num_devices = _NUM_DEVICES.value
   if num_devices is None and -1 in tuple(int(s) for s in config.mesh):
     num_devices = jax.device_count()
   bandwidths = {k: v for k, v in (('ici_gbps', _ICI_GBPS.value),
                                   ('dcn_gbps', _DCN_GBPS.value)) if v is not None}
-  p = plan.make_plan(config, num_devices, **bandwidths)
+  p = plan.make_plan(run, num_devices, **bandwidths)
   print(plan.format_plan(p))
   if _CHECK.value:
-    m = plan.compiled_bytes(config)
+    m = plan.compiled_bytes(run)
     print(f'\ncompiler (this machine, {jax.device_count()} devices): '
           f'{m["total"] / 2**20:.2f} MiB per device (arguments {m["argument"]} + '
           f'outputs {m["output"]} - aliased {m["alias"]} + temporaries '

@@ -17,7 +17,9 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-from moe import cli, config_flag  # noqa: E402  (--config, --workdir, multi-process)
+import jax  # noqa: E402
+
+from moe import cli, config_flag, routes_report, run_config  # noqa: E402
 
 _STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step to analyse (-1: the latest).')
 _STABILITY = flags.DEFINE_bool(
@@ -40,13 +42,10 @@ _LINE = flags.DEFINE_integer('code_line', None, 'Its first line (1-based; '
 
 def main(argv):
   del argv
-  from moe.run_config import quiet_logs
-  quiet_logs()
-  import jax  # after flags: jax starts here
-  from moe import routes_report
+  run = run_config.build(cli.CONFIG.value)
   cli.init_distributed()
   result = routes_report.run(
-      cli.CONFIG.value, cli.WORKDIR.value, step=_STEP.value,
+      run, cli.WORKDIR.value, step=_STEP.value,
       stability=_STABILITY.value, layer=_LAYER.value,
       categories=_CATEGORIES.value, code_document=_DOCUMENT.value,
       code_line=_LINE.value)

@@ -25,7 +25,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
-from moe import config_flag  # noqa: E402
+from moe import config_flag, intervals, report, run_config, sweep  # noqa: E402
 from moe.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flag.define(os.path.join(ROOT, 'configs', 'switch.py:cpu'),
@@ -51,7 +51,6 @@ def _ints(name, values) -> list[int]:
 
 def runs(config, steps: list[int], seeds: list[int]) -> dict:
   """{(steps, seed, arm): config} of the study."""
-  from moe import run_config  # pylint: disable=g-import-not-at-top
   out = {}
   for n in steps:
     for seed in seeds:
@@ -75,7 +74,6 @@ def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from moe import intervals, report  # pylint: disable=g-import-not-at-top
   lines = ['# MoE - dense-active twin, by token budget', '',
            'Final validation loss (nats/token, the final evaluation set) of each '
            'seed; the difference is MoE - twin, its interval 95% over seeds '
@@ -95,7 +93,7 @@ def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
           finals[arm] = report.read_metrics(path)[3].get('loss')
       if None in finals.values() or len(finals) < 2:
         continue
-      run = report.Run('moe', os.path.dirname(run_dir(workdir, n, seed, 'moe')))
+      run = report.RunCurves('moe', os.path.dirname(run_dir(workdir, n, seed, 'moe')))
       tokens = n * run.tokens_per_step
       d = finals['moe'] - finals['dense_active']
       diffs.append(d)
@@ -134,13 +132,10 @@ def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
 
 def main(argv):
   del argv
-  from moe.run_config import quiet_logs  # pylint: disable=g-import-not-at-top
-  quiet_logs()
   steps, seeds = _ints('steps', _STEPS.value), _ints('seeds', _SEEDS.value)
   if not _REPORT_ONLY.value:
-    from moe import train_lib  # pylint: disable=g-import-not-at-top
     study = runs(_CONFIG.value, steps, seeds)
-    train_lib.train_unfinished(
+    sweep.train_unfinished(
         {run_dir(_WORKDIR.value, n, seed, arm): c for (n, seed, arm), c in study.items()},
         command=shlex.join(sys.argv))
   print('report:', write_report(_WORKDIR.value, steps, seeds))

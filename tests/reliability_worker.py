@@ -79,7 +79,8 @@ def main():
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', a.devices)
-  from moe import checkpoint, metrics, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from moe import checkpoint, metrics, run_config, sharding, train_lib
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
 
   config = tiny_config(a.data_dir, json.loads(a.overrides))
@@ -130,7 +131,7 @@ def main():
 
   sharding.init_distributed(a.coordinator, a.num_processes, a.process_id)
   t0 = time.perf_counter()
-  result = train_lib.train(config, a.workdir)
+  result = train_lib.train(run_config.build(config), a.workdir)
   print(f"worker: done at step {result['step']} in "
         f'{time.perf_counter() - t0:.1f} s; preemption check '
         f'{1e6 * timing[1] / max(timing[0], 1):.1f} us/step', flush=True)

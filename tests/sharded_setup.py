@@ -5,10 +5,12 @@ import re
 
 import jax
 import numpy as np
-import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe import sharding, train_lib
+from moe import sharding, steps
 from moe.config import ModelConfig, MoeConfig
+from moe.data import DataConfig
+from moe.run_config import LayoutConfig, OptimizerConfig, RunConfig
 
 GLOBAL_BATCH, SEQ_LEN = 16, 8
 
@@ -25,15 +27,40 @@ def model_config(dispatch: str, balance_scope: str = 'group', **moe_kw) -> Model
 
 def build(mesh_shape, dispatch: str, devices=None, balance_scope: str = 'group',
           fsdp: bool = False, dcn_shape=(1, 1, 1), moe_kw=()):
-  """(Setup, initial TrainState) on a mesh of the given (whole) shape, with
+  """(Trainer, initial TrainState) on a mesh of the given (whole) shape, with
   `dcn_shape` domains per axis; `moe_kw`: (name, value) pairs changing the
   MoE layer."""
   cfg = model_config(dispatch, balance_scope, **dict(moe_kw))
   sharding.validate_layout(cfg, mesh_shape, global_batch=GLOBAL_BATCH,
                            seq_len=SEQ_LEN)
-  mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
-  s = train_lib.setup(cfg, optax.adamw(3e-3), mesh, fsdp=fsdp)
-  return s, s.init(jax.random.key(0))
+  t = trainer(cfg, sharding.make_mesh(mesh_shape, devices, dcn_shape), fsdp=fsdp)
+  return t, t.init(jax.random.key(0))
+
+
+def trainer(cfg: ModelConfig, mesh, *, fsdp: bool = False, lr: float = 3e-3) -> steps.Trainer:
+  """moe.steps.build for a bare model config: AdamW at a constant `lr`."""
+  run = RunConfig(model=cfg, data=DataConfig(), layout=LayoutConfig(fsdp=fsdp),
+                  optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=0,
+                                            decay='constant'))
+  return steps.build(run, mesh)
+
+
+def loss_and_grads(t: steps.Trainer):
+  """The train step's loss, metrics and gradients, jitted on t's mesh (no
+  update): for comparing meshes and reading the step's all-to-alls."""
+  replicated = NamedSharding(t.mesh, P())
+  with jax.set_mesh(t.mesh):
+    fn = jax.jit(steps.loss_and_grads(t.graphdef, seed=0),
+                 in_shardings=(t.state_shardings, t.batch_sharding),
+                 out_shardings=(replicated, replicated, t.state_shardings.params))
+  return steps.under_mesh(t.mesh, fn)
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of the tree's arrays held on the first device."""
+  dev = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree)
+             for s in x.addressable_shards if s.device == dev)
 
 
 def batches(steps: int = 3):

@@ -28,13 +28,13 @@ import sharded_setup  # noqa: E402
 
 
 def _built(mesh_shape, dispatch, dcn_shape):
-  """(Setup, state, warnings, processes of each all-to-all replica group,
+  """(Trainer, state, warnings, processes of each all-to-all replica group,
   the compiled loss-and-gradients step, the first batch)."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     s, state = sharded_setup.build(mesh_shape, dispatch, dcn_shape=dcn_shape)
   tokens = data.global_batch(_rows(sharded_setup.batches(1)[0]), s.batch_sharding)
-  compiled = s.loss_and_grads.lower(state, tokens).compile()
+  compiled = sharded_setup.loss_and_grads(s).lower(state, tokens).compile()
   devices = s.mesh.devices.flat        # partition id -> device
   groups = [[[devices[p].process_index for p in g] for g in op_groups]
             for _, op_groups in sharded_setup.all_to_alls(compiled.as_text())]

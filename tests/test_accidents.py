@@ -19,9 +19,11 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
-from moe import config_drift, data, disk_space, run_config, run_lock, sharding, train_lib
+from moe import checkpoint, config_drift, data, disk_space, run_config, run_lock
+from moe import sharding, steps, train_lib
 from moe.config import ConfigError
 from moe.checkpoint import checkpoint_steps
 from moe.corpus_check import CorpusDamagedError
@@ -181,17 +183,17 @@ def test_resume_refuses_drift_unless_accepted_and_records_every_start(
     data_dir, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / 'run')
   c = tiny_config(data_dir, {'num_steps': 2})
-  train_lib.train(c, workdir)
+  train_lib.train(run_config.build(c), workdir)
 
   drifted = tiny_config(data_dir, {'num_steps': 4, 'seed': 5,
                                    'optimizer.learning_rate': 0.01})
 
   def no_setup(*a, **k):
-    raise AssertionError('setup (model building, jit) was reached')
+    raise AssertionError('the trainer (model building, jit) was reached')
   with monkeypatch.context() as m:
-    m.setattr(train_lib, 'setup', no_setup)
+    m.setattr(train_lib.steps, 'build', no_setup)
     with pytest.raises(ConfigError) as e:
-      train_lib.train(drifted, workdir)
+      train_lib.train(run_config.build(drifted), workdir)
   assert ('resuming step 2 with a config that differs from the one it was trained '
           'with: optimizer.learning_rate: 0.003 -> 0.01; seed: 0 -> 5.') in str(e.value)
   assert 'num_steps' not in str(e.value)   # a restart key is no drift
@@ -201,7 +203,7 @@ def test_resume_refuses_drift_unless_accepted_and_records_every_start(
   # notice, and every start keeps its config.
   drifted.num_steps, drifted.eval_every, drifted.accept_config_change = 4, 4, True
   capsys.readouterr()
-  train_lib.train(drifted, workdir)
+  train_lib.train(run_config.build(drifted), workdir)
   notice = capsys.readouterr().out
   assert ('resuming step 2 with new settings: accept_config_change: False -> True; '
           'eval_every: 6 -> 4; num_steps: 2 -> 4; ACCEPTED config changes') in notice
@@ -214,6 +216,49 @@ def test_resume_refuses_drift_unless_accepted_and_records_every_start(
       'optimizer.learning_rate': [0.003, 0.01], 'seed': [0, 5]}
   assert json.load(open(os.path.join(workdir, 'config.json')))['seed'] == 5
   assert checkpoint_steps(workdir)[-1] == 4
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures',
+                       'run_before_run_config')
+
+
+def test_a_checkpoint_from_before_the_run_config_restores_and_resumes(data_dir, xla_cache,
+                                                                       tmp_path):
+  """tests/fixtures/run_before_run_config: a 2-step run of configs/switch.py:cpu
+  shrunk to one layer of width 8 with 4 experts on one device, trained by the
+  code before the typed RunConfig (commit d0f9b23). Restored today, its model
+  gives the old code's loss on a fixed batch (6.3913655..., computed there),
+  and train.py resumes it from step 2: the data fields added since
+  (text_key, train_split, read_threads) pass at their defaults."""
+  sys.path.insert(0, REPO)
+  from configs import switch  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(FIXTURE, workdir)
+  overrides = {
+      'model.d_model': 8, 'model.num_layers': 1, 'model.num_heads': 2,
+      'model.head_dim': 4, 'model.mlp_dim': 16, 'model.max_seq_len': 16, 'seq_len': 16,
+      'moe.num_experts': 4, 'moe.expert_dim': 8, 'moe.group_size': 32, 'batch_size': 4,
+      'num_steps': 2, 'log_every': 1, 'eval_every': 2, 'eval_batches': 1,
+      'final_eval_batches': 1, 'checkpoint_every': 2, 'peak_flops_per_device': 1e12,
+      'progress_bar': False, 'mesh': (1, 1, 1), 'data.data_dir': data_dir}
+  c = switch.get_config('cpu')
+  c.update_from_flattened_dict(overrides)
+  t = steps.build(run_config.build(c), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = checkpoint.read_state(workdir, 2, t.abstract_state, t.state_shardings)
+  tokens = (np.arange(4 * 17, dtype=np.int32).reshape(4, 17) * 37) % 256
+  loss = float(t.eval_step(state, jax.device_put(tokens, t.batch_sharding))['loss'])
+  assert loss == pytest.approx(6.3913655281066895, rel=1e-6)
+
+  proc = subprocess.run(
+      [sys.executable, 'train.py', '--config', 'configs/switch.py:cpu', '--workdir', workdir,
+       *[f'--config.{k}={v}' for k, v in {**overrides, 'num_steps': 3}.items()]],
+      env=dict(_env(xla_cache), JAX_NUM_CPU_DEVICES='1'), cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'resumed from step 2 in {workdir}' in proc.stdout
+  assert ('config fields added since this checkpoint was saved, at their defaults: '
+          "data.read_threads=2, data.text_key='text', data.train_split='train'") in proc.stdout
+  assert [l['step'] for l in read_jsonl(workdir) if 'loss' in l][-1] == 3
 
 
 # --- 3. A full disk -------------------------------------------------------------------------
@@ -266,10 +311,7 @@ def _abstract_state():
   from configs import switch  # pylint: disable=g-import-not-at-top
   c = switch.get_config('cpu')
   c.update_from_flattened_dict(SWITCH_OVERRIDES)
-  run = run_config.validate(c, 1)
-  mesh = sharding.make_mesh(run.mesh_shape, jax.devices()[:1])
-  return train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps),
-                         mesh).abstract_state
+  return steps.abstract_state(run_config.build(c))[1]
 
 
 # Another file takes all but 300 KB: less than a checkpoint (1 MB), room
@@ -354,7 +396,7 @@ def test_damaged_corpus_is_found_and_named(damaged_corpus, tmp_path, monkeypatch
     raise AssertionError('compilation was reached')
   monkeypatch.setattr(train_lib.jax.stages.Lowered, 'compile', no_compile)
   with pytest.raises(CorpusDamagedError) as e:
-    train_lib.train(tiny_config(copy), str(tmp_path / 'run'))
+    train_lib.train(run_config.build(tiny_config(copy)), str(tmp_path / 'run'))
   assert re.fullmatch(
       rf"the prepared corpus 'python_stdlib' split 'train' is damaged: record \d+ of "
       rf"{re.escape(shard)} cannot be read \(Corrupted Riegeli/records file: .*\)\. "

@@ -66,7 +66,7 @@ def test_adaptive_layer_equals_oracle_on_every_path(case):
   x, cot = _normal(1, B, T, D), _normal(2, B, T, D)
   layers = {p: _layer(dispatch=p, seed=5, **kw) for p in PATHS}
   lay = layers['gather']
-  m = lay.cfg
+  m = lay.moe_cfg
   c = m.capacity(10, train=True)
   const = (lay.const_vectors[...] if m.num_const_experts
            else jnp.zeros((0, D), jnp.float32))
@@ -84,7 +84,7 @@ def test_adaptive_layer_equals_oracle_on_every_path(case):
   for path, layer in layers.items():
     # The dropless path has room for every choice (capacity S).
     asg = oracle.assign_adaptive(probs, m.num_experts, m.top_k,
-                                 layer.cfg.capacity(10, train=True), m.top_p)
+                                 layer.moe_cfg.capacity(10, train=True), m.top_p)
 
     def ref(x, *w, asg=asg):
       return from_groups(oracle.oracle_adaptive(
@@ -318,7 +318,7 @@ def test_bad_adaptive_config_is_refused(kw, message):
 
 
 def test_counts_and_flops_follow_the_ffn_choices():
-  base = ModelConfig(d_model=16, num_layers=2, num_heads=2, head_dim=8, max_seq_len=8,
+  base = ModelConfig(256, d_model=16, num_layers=2, num_heads=2, head_dim=8, max_seq_len=8,
                      moe_every=1, moe=MoeConfig(num_experts=8, top_k=1, expert_dim=12))
   cheap = ModelConfig(**{**base.__dict__, 'moe': MoeConfig(
       num_experts=8, top_k=2, expert_dim=12, num_zero_experts=4, num_copy_experts=2,
@@ -349,7 +349,7 @@ def _step(mesh_shape, dispatch, moe_kw):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   s, state = sharded_setup.build(mesh_shape, dispatch, devices, moe_kw=moe_kw)
   tokens = jax.device_put(sharded_setup.batches(1)[0], s.batch_sharding)
-  compiled = s.loss_and_grads.lower(state, tokens).compile()
+  compiled = sharded_setup.loss_and_grads(s).lower(state, tokens).compile()
   loss, metrics, grads = compiled(state, tokens)
   return (float(loss), jax.tree.map(np.asarray, grads), metrics['router'],
           compiled.as_text())
@@ -399,8 +399,9 @@ def test_adaptive_run_eval_compute_what_if_and_routes(data_dir, tmp_path):
   c.eval.capacity_factors = (2.0,)
   c.eval.compute_what_if = ('as_trained', 0.3, 1.0, 'no_cheap')
   workdir = str(tmp_path)
-  train_lib.train(c, workdir)
-  model = run_config.model_config(c)
+  run = run_config.build(c)
+  train_lib.train(run, workdir)
+  model = run.model
   lines = [l for l in read_jsonl(workdir) if 'ffn_experts_per_token' in l and 'loss' in l]
   for l in lines[1:]:   # step 1 only starts the throughput interval
     assert l['flops_per_token'] == pytest.approx(
@@ -411,7 +412,7 @@ def test_adaptive_run_eval_compute_what_if_and_routes(data_dir, tmp_path):
   assert info['flops_per_token'] == model.flops_per_token(c.seq_len)
   assert sorted(train) == [1, 2, 3] and 'flops_per_token' in train[3]
   assert final['ffn_experts_per_token'] > 0
-  result = eval_lib.run_eval(c, workdir)
+  result = eval_lib.run_eval(run, workdir)
   rows = {r['setting']: r for r in result['compute_what_if']}
   assert list(rows) == ['as trained', 'top_p=0.3', 'top_p=1.0', 'no cheap experts']
   assert rows['no cheap experts']['ffn_experts_per_token'] == 2.0
@@ -425,7 +426,7 @@ def test_adaptive_run_eval_compute_what_if_and_routes(data_dir, tmp_path):
   assert 'FFN experts per token' in eval_lib.format_table(result)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    res = routes_report.run(c, workdir, stability=False)
+    res = routes_report.run(run, workdir, stability=False)
   assert res['adaptive'] and res['num_ffn_experts'] == 8
   assert len(res['layers'][0]['expert_load']) == 16      # FFN and cheap experts
   assert len(res['compute']['by_loss_bin']) == model.num_moe_layers

@@ -40,8 +40,9 @@ def test_bench_writes_every_figure_from_the_configs_flops(tmp_path, data_dir):
   c = switch.get_config('cpu')
   c.model.num_layers, c.batch_size, c.seq_len, c.model.max_seq_len = 2, 4, 64, 64
   c.model.moe_every = 2
-  moe = run_config.model_config(c)
-  flops = {'moe': moe.flops_per_token(64), 'dense_total': moe.dense_twin_total().flops_per_token(64)}
+  moe = run_config.build(c).model
+  flops = {'moe': moe.flops_per_token(64),
+           'dense_total': moe.dense_twin_total().flops_per_token(64)}
   assert math.isclose(r['analytic_flop_ratio'], flops['dense_total'] / flops['moe'])
   step = r['step_seconds']
   assert set(step) == {'moe', 'dense_total', 'dense_active', 'e64'}   # 'moe' has 8 experts

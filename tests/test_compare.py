@@ -149,16 +149,16 @@ def test_table_parameter_counts_match_the_built_models(compared):
   workdir, data_dir, _ = compared
   runs = run_config.dense_twins(_config(data_dir))
   text = open(os.path.join(workdir, 'report.md')).read()
-  moe_cfg = run_config.model_config(runs['moe'])
+  moe_cfg = run_config.build(runs['moe']).model
   for name, config in runs.items():
-    cfg = run_config.model_config(config)
+    cfg = run_config.build(config).model
     row = next(l for l in text.splitlines() if l.startswith(f'| {report.LABELS[name]} |'))
     total, active = (int(x.replace(',', '')) for x in row.split('|')[2:4])
     assert total == _built_params(cfg) == cfg.num_params, name
     assert active == cfg.num_active_params, name
   # The twins are twins: total within 1%, active FLOPs within 1%.
-  twin_total = run_config.model_config(runs['dense_total'])
-  twin_active = run_config.model_config(runs['dense_active'])
+  twin_total = run_config.build(runs['dense_total']).model
+  twin_active = run_config.build(runs['dense_active']).model
   assert math.isclose(twin_total.num_params, moe_cfg.num_params, rel_tol=0.01)
   assert math.isclose(twin_active.flops_per_token(32), moe_cfg.flops_per_token(32),
                       rel_tol=0.01)

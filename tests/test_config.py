@@ -93,7 +93,7 @@ def test_unknown_name_without_close_match_lists_choices():
   assert 'Did you mean' not in str(info.value)
   assert 'tokens_choose' in str(info.value) and 'experts_choose' in str(info.value)
   with pytest.raises(ConfigError, match="Did you mean 'bfloat16'"):
-    ModelConfig(dtype='bfloat')
+    ModelConfig(256, dtype='bfloat')
 
 
 def test_config_error_is_a_value_error_and_configs_are_frozen():
@@ -101,7 +101,7 @@ def test_config_error_is_a_value_error_and_configs_are_frozen():
   with pytest.raises(dataclasses.FrozenInstanceError):
     MoeConfig().top_k = 2
   with pytest.raises(dataclasses.FrozenInstanceError):
-    ModelConfig().d_model = 2
+    ModelConfig(256).d_model = 2
 
 
 @pytest.mark.parametrize('kw,match', [
@@ -112,7 +112,7 @@ def test_config_error_is_a_value_error_and_configs_are_frozen():
 ])
 def test_model_config_rejects(kw, match):
   with pytest.raises(ConfigError, match=match):
-    ModelConfig(**kw)
+    ModelConfig(256, **kw)
 
 
 @pytest.mark.parametrize('attention,platform,dtype,head_dim,want', [
@@ -128,21 +128,21 @@ def test_model_config_rejects(kw, match):
     ('cudnn', 'cuda', 'bfloat16', 64, 'cudnn'),
 ])
 def test_attention_kernel(attention, platform, dtype, head_dim, want):
-  cfg = ModelConfig(attention=attention, dtype=dtype, head_dim=head_dim)
+  cfg = ModelConfig(256, attention=attention, dtype=dtype, head_dim=head_dim)
   assert cfg.attention_kernel(platform) == want
 
 
 @pytest.mark.parametrize('platform,dtype,head_dim', [
     ('cpu', 'bfloat16', 64), ('cuda', 'float32', 64), ('cuda', 'bfloat16', 36)])
 def test_cudnn_attention_refused_where_it_cannot_run(platform, dtype, head_dim):
-  cfg = ModelConfig(attention='cudnn', dtype=dtype, head_dim=head_dim)
+  cfg = ModelConfig(256, attention='cudnn', dtype=dtype, head_dim=head_dim)
   with pytest.raises(ConfigError, match=f"needs a CUDA GPU.*platform is '{platform}', "
                      f"dtype '{dtype}', head_dim {head_dim}"):
     cfg.attention_kernel(platform)
 
 
 def test_check_sequence():
-  cfg = ModelConfig(max_seq_len=64, moe=MoeConfig(group_size=96))
+  cfg = ModelConfig(256, max_seq_len=64, moe=MoeConfig(group_size=96))
   cfg.check_sequence(64 // 2 + 16)                     # 48 divides 96
   cfg.check_sequence(32)
   with pytest.raises(ConfigError, match='exceeds model.max_seq_len=64'):

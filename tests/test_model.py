@@ -9,11 +9,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from moe import layers, sharding, train_lib
+import sharded_setup
+from moe import layers, sharding
 from moe.config import ModelConfig, MoeConfig
 from moe.model import Transformer, lm_loss
 from moe.moe_layer import BalanceBias
@@ -257,10 +257,8 @@ def test_train_step_updates_the_balance_bias_by_its_rule():
   cfg = _cfg(moe_every=1, balance_bias_rate=0.01)
   model = _model(cfg, 7)
   _, params, extra = nnx.split(model, nnx.Param, ...)
-  tx = optax.with_extra_args_support(optax.adamw(1e-3))
-  s = train_lib.setup(cfg, optax.adamw(1e-3),
-                      sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, extra, tx.init(params))
+  s = sharded_setup.trainer(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), lr=1e-3)
+  state = s.init(jax.random.key(0))._replace(params=params, extra=extra)
   tokens = jnp.asarray(np.random.RandomState(8).randint(0, V, (4, T + 1)), jnp.int32)
   new, metrics = s.train_step(state, tokens)
   loads = np.asarray(metrics['router'].expert_load)                     # [L, E]
@@ -375,7 +373,7 @@ def test_cudnn_attention_equals_xla_on_gpu():
   outputs and gradients (scripts/gpu_check.sh runs this on the GPU)."""
   rs = np.random.RandomState(0)
   q, k, v = (jnp.asarray(rs.normal(size=(2, 256, 4, 64)), jnp.bfloat16) for _ in range(3))
-  cfg = ModelConfig(dtype='bfloat16', head_dim=64)
+  cfg = ModelConfig(256, dtype='bfloat16', head_dim=64)
   assert cfg.attention_kernel(layers.platform()) == 'cudnn'
 
   def loss(kernel, q, k, v):

@@ -24,7 +24,7 @@ def _layer(d=11, dtype='float32', seed=0, **moe_kw):
   balance bias: built abstractly, so no eager jax.random compilations."""
   moe_kw.setdefault('min_capacity', 1)
   moe_kw.setdefault('expert_dim', 7)
-  cfg = ModelConfig(d_model=d, dtype=dtype, moe=MoeConfig(**moe_kw))
+  cfg = ModelConfig(256, d_model=d, dtype=dtype, moe=MoeConfig(**moe_kw))
   abstract = nnx.eval_shape(lambda: MoeFeedForward(cfg, jax.random.key(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   rs = np.random.RandomState(seed)
@@ -65,7 +65,7 @@ def test_groups_are_time_major_whole_sequences_and_invert():
 
 
 def test_seqs_per_group_and_indivisible_batch():
-  m = _layer(num_experts=4, group_size=20).cfg
+  m = _layer(num_experts=4, group_size=20).moe_cfg
   assert m.seqs_per_group(8, 5) == 4
   assert m.seqs_per_group(2, 5) == 2                 # at most the batch
   assert m.seqs_per_group(8, 40) == 1                # at least one sequence
@@ -83,7 +83,7 @@ def test_layer_equals_oracle_forward_and_grads(k):
   layers = {p: _layer(num_experts=e, top_k=k, group_size=10, dispatch=p,
                       train_capacity_factor=0.75) for p in ('einsum', 'gather')}
   lay = layers['einsum']
-  c = lay.cfg.capacity(10, train=True)
+  c = lay.moe_cfg.capacity(10, train=True)
   w = [lay.w_router[...], lay.w_gate[...], lay.w_up[...], lay.w_down[...]]
   asg = oracle.assign_tokens_choose(oracle.probs_of(to_groups(x, 2), w[0]), k, c)
   assert asg.num_dropped > 0
@@ -174,7 +174,7 @@ def test_top2_first_choice_priority_leaks_the_future_when_dropping():
   for cf in (0.5, 1.0):
     layer = _layer(d=2, num_experts=2, top_k=2, group_size=2,
                    train_capacity_factor=cf)
-    assert layer.cfg.capacity(2, train=True) == (1 if cf == 0.5 else 2)
+    assert layer.moe_cfg.capacity(2, train=True) == (1 if cf == 0.5 else 2)
     layer.w_router[...] = jnp.eye(2)
     xa = jnp.asarray([[[2.0, 1.0], [0.0, 3.0]]])
     xb = jnp.asarray([[[2.0, 1.0], [3.0, 0.0]]])
@@ -373,7 +373,7 @@ def test_expert_init_scale_does_not_shrink_with_num_experts():
   """Each expert is initialized like a dense SwiGLU: std 1/sqrt(D) in, 1/sqrt(F)
   out, whatever E (fan-in over the expert axis too made experts sqrt(E) smaller)."""
   d, f = 64, 32
-  cfg = ModelConfig(d_model=d, moe=MoeConfig(num_experts=16, expert_dim=f))
+  cfg = ModelConfig(256, d_model=d, moe=MoeConfig(num_experts=16, expert_dim=f))
   stds = jax.jit(lambda key: jax.tree.map(
       jnp.std, nnx.state(MoeFeedForward(cfg, key), nnx.Param)))(jax.random.key(0))
   for name, want in (('w_gate', d), ('w_up', d), ('w_down', f), ('w_router', d)):

@@ -14,21 +14,19 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import base
-from moe import train_lib
+from moe import optimizer
 from moe.config import ModelConfig
 from moe.model import Transformer
+from moe.run_config import OptimizerConfig
 
 
 def _opt(**kw):
-  opt = base.get_config().optimizer
-  opt.update({**dict(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1), **kw})
-  return opt
+  return OptimizerConfig(**{**dict(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1), **kw})
 
 
 @pytest.mark.parametrize('decay', ['cosine', 'linear', 'constant'])
 def test_schedule_at_start_end_of_warmup_middle_and_last_step(decay):
-  lr = train_lib.learning_rate_schedule(_opt(decay=decay), num_steps=110)
+  lr = optimizer.learning_rate_schedule(_opt(decay=decay), num_steps=110)
   assert float(lr(0)) == 0.0
   assert float(lr(5)) == pytest.approx(0.5)            # linear warmup
   assert float(lr(10)) == pytest.approx(1.0)           # the peak, at warmup's end
@@ -52,7 +50,7 @@ def test_weight_decay_on_matrices_not_norm_scales(name):
   # Zero gradients: the only change is weight decay, lr * wd * p after warmup.
   opt = _opt(name=name, weight_decay=0.5, warmup_steps=0, decay='constant',
              learning_rate=0.1)
-  tx = train_lib.make_optimizer(opt, num_steps=10)
+  tx = optimizer.make(opt, num_steps=10)
   params = _params()
   grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(grads, tx.init(params), params, grad_norm=jnp.zeros(()))
@@ -71,7 +69,7 @@ def test_weight_decay_on_matrices_not_norm_scales(name):
 def test_adafactor_step_without_decay_is_optax_adafactor():
   opt = _opt(name='adafactor', weight_decay=0.0, warmup_steps=0, decay='constant',
              learning_rate=0.01, grad_clip=0.0)
-  tx = train_lib.make_optimizer(opt, num_steps=10)
+  tx = optimizer.make(opt, num_steps=10)
   params = _params()
   grads = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, params)
   got, _ = tx.update(grads, tx.init(params), params, grad_norm=jnp.ones(()))

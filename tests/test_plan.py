@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import sharded_setup  # noqa: E402
 from configs import dense as dense_recipe  # noqa: E402
 from configs import switch as switch_recipe  # noqa: E402
-from moe import plan, run_config, sharding, train_lib  # noqa: E402
+from moe import plan, run_config, sharding, steps  # noqa: E402
 from tiny import shrink_trunk  # noqa: E402
 
 
@@ -57,8 +57,8 @@ def test_memory_estimate_matches_the_compiler(name):
   XLA's memory analysis of the same jitted train step (arguments + outputs
   - donated aliases + temporaries): within 20%. Measured: +6% to +8%."""
   c = LAYOUTS[name]()
-  p = plan.make_plan(c)
-  xla = plan.compiled_bytes(c)
+  p = plan.make_plan(run_config.build(c))
+  xla = plan.compiled_bytes(run_config.build(c))
   err = p.total_bytes / xla['total'] - 1
   print(f'{name}: plan {p.total_bytes} B, compiler {xla} -> {100 * err:+.1f}%')
   assert abs(err) < 0.20, (p.to_dict(), xla)
@@ -70,14 +70,13 @@ def test_memory_estimate_matches_the_compiler(name):
 
 def test_state_bytes_equal_the_real_sharded_state():
   c = LAYOUTS['switch_einsum_1x4x2']()
-  p = plan.make_plan(c)
-  run = run_config.validate(c, jax.device_count())
-  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps),
-                      sharding.make_mesh(run.mesh_shape))
+  p = plan.make_plan(run_config.build(c))
+  run = run_config.build(c)
+  s = steps.build(run, sharding.make_mesh(run.mesh_shapes(jax.device_count())[0]))
   state = s.init(jax.random.key(0))
-  assert p.param_bytes == sharding.bytes_per_device(state.params)
-  assert p.optimizer_bytes == (sharding.bytes_per_device(state.opt_state)
-                               + sharding.bytes_per_device(state.extra))
+  assert p.param_bytes == sharded_setup.bytes_per_device(state.params)
+  assert p.optimizer_bytes == (sharded_setup.bytes_per_device(state.opt_state)
+                               + sharded_setup.bytes_per_device(state.extra))
   assert p.num_params == sum(x.size for x in jax.tree.leaves(state.params))
 
 
@@ -87,12 +86,12 @@ def test_plan_for_a_mesh_larger_than_the_machine():
   c.batch_size = 64
   c.moe.group_size = c.seq_len          # 64 groups: divisible by 4 x 8
   c.mesh = (4, 8, 1)
-  p32 = plan.make_plan(c)
+  p32 = plan.make_plan(run_config.build(c))
   assert p32.num_devices == 32 > jax.device_count()
   c8 = c.copy_and_resolve_references()
   c8.mesh = (1, 8, 1)
-  p8 = plan.make_plan(c8)
-  model = run_config.model_config(c)
+  p8 = plan.make_plan(run_config.build(c8))
+  model = run_config.build(c).model
   assert p32.num_params == p8.num_params == model.num_params
   assert p32.flops_per_token == model.flops_per_token(c.seq_len)
   assert p32.local_batch == 2 and p8.local_batch == 8
@@ -108,7 +107,8 @@ def test_plan_for_a_mesh_larger_than_the_machine():
   assert l8.all_to_all_bytes_per_step == 4 * l8.buffer_bytes * 7 // 8
   c1 = c.copy_and_resolve_references()
   c1.mesh = (8, 1, 1)
-  assert all(l.all_to_all_bytes_per_step == 0 for l in plan.make_plan(c1).moe_layers)
+  assert all(l.all_to_all_bytes_per_step == 0
+             for l in plan.make_plan(run_config.build(c1)).moe_layers)
 
 
 @pytest.mark.parametrize('mesh,dcn_mesh', [((1, 4, 1), (2, 1, 1)), ((2, 2, 1), (1, 2, 1))],
@@ -123,16 +123,16 @@ def test_all_to_all_split_matches_the_compiled_step(mesh, dcn_mesh):
   across = sharding.spans_domains(dcn_mesh)
   with pytest.warns(UserWarning, match='puts the expert axis across domains') if across \
       else warnings.catch_warnings():
-    p = plan.make_plan(c)
+    p = plan.make_plan(run_config.build(c))
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    run = run_config.validate(c, jax.device_count())
+    run = run_config.build(c)
   devices = jax.devices()
   domains = [devices[:4], devices[4:]]
   grid = sharding.hybrid_devices(mesh, dcn_mesh, domains)
   m = jax.sharding.Mesh(grid, sharding.MESH_AXES,
                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps), m)
+  s = steps.build(run, m)
   tokens = jax.ShapeDtypeStruct((c.batch_size, c.seq_len + 1), jnp.int32,
                                 sharding=s.batch_sharding)
   hlo = s.train_step.lower(s.abstract_state, tokens).compile().as_text()
@@ -176,7 +176,7 @@ def test_plan_py(tmp_path):
     assert line in text, line
   with open(out_json) as f:
     p = json.load(f)
-  model = run_config.model_config(switch_recipe.get_config('1b'))
+  model = run_config.build(switch_recipe.get_config('1b')).model
   assert p['num_params'] == model.num_params
   assert len(p['moe_layers']) == model.num_moe_layers
   m = model.moe

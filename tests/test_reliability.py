@@ -37,9 +37,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moe import data, run_config, sharding, train_lib
+from moe import data, run_config, sharding, steps, train_lib
 from moe.checkpoint import Checkpointer, CheckpointError, checkpoint_steps
-from moe.config import ConfigError
+from moe.config import ConfigError, ModelConfig, MoeConfig
 
 from reliability_worker import tiny_config
 from tiny import read_jsonl
@@ -327,7 +327,7 @@ def expert4_run(data_dir, tmp_path_factory):
   """2 steps in-process on mesh (data=2, expert=4, model=1)."""
   c = tiny_config(data_dir, {'mesh': (2, 4, 1), 'num_steps': 2, 'eval_every': 2})
   workdir = str(tmp_path_factory.mktemp('expert4') / 'run')
-  train_lib.train(c, workdir)
+  train_lib.train(run_config.build(c), workdir)
   return c, workdir
 
 
@@ -345,10 +345,9 @@ def test_restore_under_another_mesh(mesh, expert4_run):
   c, workdir = expert4_run
   c = c.copy_and_resolve_references()
   c.mesh = mesh
-  run = run_config.validate(c, jax.device_count())
-  m = sharding.make_mesh(run.mesh_shape)
-  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps),
-                      m, seed=c.seed)
+  run = run_config.build(c)
+  m = sharding.make_mesh(run.mesh_shapes(jax.device_count())[0])
+  s = steps.build(run, m)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=10)
   try:
     state, _ = ckpt.restore(2, s.abstract_state, s.state_shardings)
@@ -356,7 +355,7 @@ def test_restore_under_another_mesh(mesh, expert4_run):
     ckpt.close()
   batches = data.eval_set(run.data, seq_len=c.seq_len, batch_size=c.batch_size,
                           max_batches=1)
-  loss = train_lib.evaluate(s, state, batches)[0]['loss']
+  loss = steps.evaluate(s, state, batches)[0]['loss']
   assert loss == pytest.approx(eval_loss(workdir, 2), rel=1e-5, abs=1e-6)
 
   # The optimizer state follows the new expert axis.
@@ -398,16 +397,16 @@ _poison_grad.defvjp(_poison_fwd, _poison_bwd)
 
 
 def _inject_nonfinite(monkeypatch, seed, *, loss_at=(), grads_at=()):
-  """Wraps train_lib.lm_loss: at the given steps (1-based, as logged) the
+  """Wraps steps.lm_loss: at the given steps (1-based, as logged) the
   loss (and the logged cross-entropy) becomes NaN, or only its gradient
   does. The step is recognised by its router-noise key, a function of
-  (seed, step) only (train_lib.step_rng), so the injection is exact."""
-  real = train_lib.lm_loss
+  (seed, step) only (steps.step_rng), so the injection is exact."""
+  real = steps.lm_loss
 
-  def at(rng, steps):
+  def at(rng, at_steps):
     hit = jnp.zeros((), bool)
-    for s in steps:
-      want = jax.random.key_data(train_lib.step_rng(seed, s - 1))
+    for s in at_steps:
+      want = jax.random.key_data(steps.step_rng(seed, s - 1))
       hit |= jnp.all(jax.random.key_data(rng) == want)
     return hit
 
@@ -420,7 +419,7 @@ def _inject_nonfinite(monkeypatch, seed, *, loss_at=(), grads_at=()):
       loss = _poison_grad(loss, at(rng, grads_at).astype(jnp.float32))
     return loss, metrics
 
-  monkeypatch.setattr(train_lib, 'lm_loss', lm_loss)
+  monkeypatch.setattr(steps, 'lm_loss', lm_loss)
 
 
 def _all_finite(arrays: dict) -> bool:
@@ -434,7 +433,7 @@ def test_nonfinite_skip(data_dir, tmp_path, monkeypatch, caplog):
   _inject_nonfinite(monkeypatch, c.seed, loss_at=[2], grads_at=[4])
   workdir = str(tmp_path / 'run')
   with caplog.at_level('WARNING'):
-    result = train_lib.train(c, workdir)
+    result = train_lib.train(run_config.build(c), workdir)
   assert result['step'] == 5
   lines = {l['step']: l for l in train_lines(workdir)}
   assert [s for s, l in lines.items() if l['update_skipped']] == [2, 4]
@@ -468,7 +467,7 @@ def test_nonfinite_stop(bad_step, log_every, logged, data_dir, tmp_path, monkeyp
   _inject_nonfinite(monkeypatch, c.seed, loss_at=[bad_step])
   workdir = str(tmp_path / 'run')
   with pytest.raises(FloatingPointError, match=rf'at step {bad_step} .*nonfinite=stop'):
-    train_lib.train(c, workdir)
+    train_lib.train(run_config.build(c), workdir)
   assert checkpoint_steps(workdir) == [2]          # step 4 was never saved
   assert not tmp_dirs(workdir)
   assert _all_finite(state_arrays(os.path.join(workdir, 'checkpoints', '2')))
@@ -484,7 +483,7 @@ def test_nonfinite_skip_between_logs(data_dir, tmp_path, monkeypatch, caplog):
   _inject_nonfinite(monkeypatch, c.seed, loss_at=[2], grads_at=[4])
   workdir = str(tmp_path / 'run')
   with caplog.at_level('WARNING'):
-    result = train_lib.train(c, workdir)
+    result = train_lib.train(run_config.build(c), workdir)
   assert result['step'] == 6 and math.isfinite(result['train']['loss'])
   warnings = [r.getMessage() for r in caplog.records if 'non-finite' in r.getMessage()]
   assert len(warnings) == 2, warnings
@@ -563,10 +562,10 @@ def test_bad_input_is_refused_before_compilation(case, data_dir, tmp_path, monke
     workdir = str(tmp_path / 'a_file' / 'run')   # under a file: even root cannot
 
   def no_setup(*a, **k):
-    raise AssertionError('setup (model building, jit) was reached')
-  monkeypatch.setattr(train_lib, 'setup', no_setup)
+    raise AssertionError('the trainer (model building, jit) was reached')
+  monkeypatch.setattr(train_lib.steps, 'build', no_setup)
   with pytest.raises(error) as e:
-    train_lib.train(c, workdir)
+    train_lib.train(run_config.build(c), workdir)
   for p in patterns:
     assert re.search(p, str(e.value)), (p, str(e.value))
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
@@ -577,16 +576,25 @@ def test_text_corpus_of_empty_files_is_refused(data_dir, tmp_path):
   c = tiny_config(data_dir, {'data.name': 'text_files', 'data.text_files': corpus,
                              'data.data_dir': str(tmp_path / 'tfds')})
   with pytest.raises(ValueError, match='empty'):
-    train_lib.train(c, str(tmp_path / 'run'))
+    train_lib.train(run_config.build(c), str(tmp_path / 'run'))
 
 
-def test_config_keys_known_to_validation_match_base():
+def test_base_config_is_every_run_config_field_at_its_default():
+  # configs/base.py is made from the RunConfig sections' defaults: built
+  # back, it is exactly the RunConfig of those defaults (the byte
+  # tokenizer's vocabulary), and every section's typo is refused by name.
   sys.path.insert(0, REPO)
   from configs import base  # pylint: disable=g-import-not-at-top
   c = base.get_config()
-  assert sorted(c.keys()) == sorted(run_config.TOP_LEVEL_KEYS)
-  assert sorted(c.optimizer.keys()) == sorted(run_config.OPTIMIZER_KEYS)
-  assert sorted(c.eval.keys()) == sorted(run_config.EVAL_KEYS)
+  assert run_config.build(c) == run_config.RunConfig(
+      model=ModelConfig(vocab_size=384, moe=MoeConfig()), data=data.DataConfig())
+  for key in ('batch_sizes', 'optimizer.warmup', 'eval.checkpoint', 'data.text',
+              'moe.top', 'model.d_mode'):
+    c = base.get_config()
+    section, _, leaf = key.rpartition('.')
+    (c[section] if section else c)[leaf] = 1
+    with pytest.raises(ConfigError, match=f'unknown config key {re.escape(key)}\\.'):
+      run_config.build(c)
 
 
 def _no_compile(monkeypatch):
@@ -604,7 +612,7 @@ def test_checkpoint_of_another_model_shape_is_refused(expert4_run, tmp_path, mon
   c.accept_config_change = True   # past the config-drift refusal (test_accidents.py)
   _no_compile(monkeypatch)
   with pytest.raises(CheckpointError) as e:
-    train_lib.train(c, workdir)
+    train_lib.train(run_config.build(c), workdir)
   msg = str(e.value)
   assert 'checkpoint step 2' in msg and 'does not match the model config' in msg
   assert re.search(r'checkpoint \([^)]*16[^)]*\) vs config \([^)]*32', msg), msg
@@ -623,7 +631,7 @@ def test_checkpoint_of_another_row_order_is_refused(expert4_run, tmp_path, monke
   c.accept_config_change = True   # past the config-drift refusal (test_accidents.py)
   _no_compile(monkeypatch)
   with pytest.raises(CheckpointError) as e:
-    train_lib.train(c, workdir)
+    train_lib.train(run_config.build(c), workdir)
   msg = str(e.value)
   assert "checkpoint step 2 holds a data-iterator state that does not fit this run's 'window' row order" in msg
   assert "['next_index']" in msg and 'data.row_shuffle' in msg
@@ -646,7 +654,7 @@ def test_checkpoint_of_another_process_count_is_refused(expert4_run, tmp_path, m
     json.dump(data_state, f)
   _no_compile(monkeypatch)
   with pytest.raises(CheckpointError) as e:
-    train_lib.train(c.copy_and_resolve_references(), workdir)
+    train_lib.train(run_config.build(c.copy_and_resolve_references()), workdir)
   msg = str(e.value)
   assert ('checkpoint step 2 was written by 2 process(es) and this run has 1' in msg
           and 'Resume with 2 process(es).' in msg), msg
@@ -678,7 +686,7 @@ def test_damaged_checkpoint_names_the_step(how, straight, data_dir, tmp_path, mo
   _no_compile(monkeypatch)
   with pytest.raises(CheckpointError,
                      match=r'(?s)checkpoint step 6 .* cannot be restored .*restore_fallback=True'):
-    train_lib.train(c, workdir)
+    train_lib.train(run_config.build(c), workdir)
   assert checkpoint_steps(workdir) == [2, 4, 6]      # nothing moved or deleted
 
 
@@ -699,7 +707,7 @@ def test_damaged_checkpoint_falls_back_when_configured(straight, data_dir, xla_c
 
 def _crc_after(cfg, batches: list[int]) -> int:
   """data_crc after consuming the given (0-based) batches of the stream."""
-  it = data.train_iterator(run_config.data_config(cfg), seq_len=cfg.seq_len,
+  it = data.train_iterator(run_config.build(cfg).data, seq_len=cfg.seq_len,
                            batch_size=cfg.batch_size, seed=cfg.seed)
   stream = [next(it) for _ in range(max(batches) + 1)]
   crc = 0

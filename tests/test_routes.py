@@ -7,11 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from moe import data, routes, sharding, train_lib
+import sharded_setup
+from moe import data, routes, sharding, steps
 from moe import token_categories as tc
 from moe.config import ConfigError, ModelConfig, MoeConfig
 from moe.model import Transformer
@@ -192,7 +192,7 @@ def _category_router_model(eval_capacity_factor=2.0, mesh_shape=(1, 1, 1)):
                                   eval_capacity_factor=eval_capacity_factor),
                     moe_every=1)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
-  s = train_lib.setup(cfg, optax.adamw(1e-3), sharding.make_mesh(mesh_shape, devices))
+  s = sharded_setup.trainer(cfg, sharding.make_mesh(mesh_shape, devices), lr=1e-3)
   model = Transformer(cfg, jax.random.key(0))
   v = jnp.ones(8)
   embed = np.zeros((384, 8), np.float32)
@@ -203,9 +203,8 @@ def _category_router_model(eval_capacity_factor=2.0, mesh_shape=(1, 1, 1)):
   block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
   block.ffn.w_router[...] = jnp.stack([5 * v, -5 * v], axis=1)
   _, params, extra = nnx.split(model, nnx.Param, ...)
-  # The state the jitted steps take; built eagerly (no init to compile).
-  tx = optax.with_extra_args_support(optax.adamw(1e-3))
-  return s, train_lib.TrainState(jnp.zeros((), jnp.int32), params, extra, tx.init(params))
+  # The state the jitted steps take: the model above in a state of the trainer's.
+  return s, s.init(jax.random.key(0))._replace(params=params, extra=extra)
 
 
 @pytest.mark.parametrize('random_routing', [False, True])
@@ -241,7 +240,7 @@ def test_dropped_fractions_agree_with_evaluation():
   r = routes.collect(s, state, es, 'tokens_choose')
   labels = routes.label(es, data.ByteTokenizer(), tc.byte_classes)
   res = routes.analyse(r, labels, es, data.ByteTokenizer(), 2, 'tokens_choose')
-  metrics, _ = train_lib.evaluate(s, state, es)
+  metrics, _ = steps.evaluate(s, state, es)
   want = float(np.asarray(metrics['router'].dropped_fraction)[0])
   assert want > 0.3
   assert res['layers'][0]['dropped_fraction'] == pytest.approx(want, rel=1e-6)

@@ -25,11 +25,11 @@ def _to_np(tree):
 
 @functools.cache
 def _grads(mesh_shape, dispatch, balance_scope='group', fsdp=False):
-  """(loss, grads, compiled HLO text, Setup, state) of one train step."""
+  """(loss, grads, compiled HLO text, Trainer, state) of one train step."""
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   s, state = sharded_setup.build(mesh_shape, dispatch, devices, balance_scope, fsdp)
   tokens = jax.device_put(sharded_setup.batches(1)[0], s.batch_sharding)
-  compiled = s.loss_and_grads.lower(state, tokens).compile()   # once: run and read
+  compiled = sharded_setup.loss_and_grads(s).lower(state, tokens).compile()   # once: run and read
   loss, metrics, grads = compiled(state, tokens)
   hlo = compiled.as_text()
   dropped = float(metrics['router'].dropped_fraction.mean())
@@ -95,16 +95,14 @@ def test_dropless_equals_capacity_paths_when_nothing_drops():
   """With capacity for every token (cf = E/k), all three paths give the same
   loss: dropless is the capacity paths' no-drop limit."""
   import dataclasses
-  from moe import train_lib
-  import optax
   losses = {}
   for dispatch in DISPATCHES:
     cfg = sharded_setup.model_config(dispatch)
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
         cfg.moe, train_capacity_factor=cfg.moe.num_experts / cfg.moe.top_k))
-    s = train_lib.setup(cfg, optax.adamw(1e-3), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    s = sharded_setup.trainer(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     state = s.init(jax.random.key(0))
-    loss, metrics, _ = s.loss_and_grads(state, sharded_setup.batches(1)[0])
+    loss, metrics, _ = sharded_setup.loss_and_grads(s)(state, sharded_setup.batches(1)[0])
     assert float(metrics['router'].dropped_fraction.mean()) == 0
     losses[dispatch] = float(loss)
   np.testing.assert_allclose(losses['einsum'], losses['dropless'], rtol=1e-5)
@@ -141,7 +139,7 @@ def test_expert_weights_split_over_expert_and_model(mesh_shape):
   for block in state.params['blocks'].values():
     for name in ('w_gate', 'w_up', 'w_down'):
       w = block['ffn'][name][...]
-      held = sharding.bytes_per_device(w)
+      held = sharded_setup.bytes_per_device(w)
       assert held * expert * model == w.nbytes, (name, held, w.nbytes)
 
 
@@ -169,7 +167,7 @@ def _cfg(**moe):
     (_cfg(), (2, 4, 1), 12, r'batch_size=12 is not divisible by data x expert = 2 x 4 = 8'),
     (_cfg(group_size=32), (2, 4, 1), 16, r'4 routing groups .* not divisible by data x expert = 8'),
     (_cfg(expert_dim=15), (1, 4, 2), 16, r'moe.expert_dim=15 is not divisible by the model axis \(2\)'),
-    (ModelConfig(num_heads=3, head_dim=8, max_seq_len=8), (4, 1, 2), 16,
+    (ModelConfig(256, num_heads=3, head_dim=8, max_seq_len=8), (4, 1, 2), 16,
      r'model.num_heads=3 is not divisible by the model axis \(2\)'),
 ])
 def test_invalid_layout_refused_before_compilation(cfg, mesh_shape, batch, message):

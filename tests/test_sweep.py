@@ -1,10 +1,9 @@
-"""scripts/sweep.py: expansion and names, validation before launch, and a
-2-run sweep end to end (train.py + eval.py subprocesses, 2 at a time):
-resume of an unfinished run, skipping of finished runs, one results row per
-run."""
+"""moe/sweep.py and scripts/sweep.py: expansion and names, validation before
+launch, and a 2-run sweep end to end (train.py + eval.py subprocesses, 2 at a
+time): resume of an unfinished run, skipping of finished runs, one results row
+per run."""
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -18,17 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-
-def _load_sweep_module():
-  spec = importlib.util.spec_from_file_location(
-      'sweep_script', os.path.join(REPO, 'scripts', 'sweep.py'))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules['sweep_script'] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-sweep = _load_sweep_module()
+from moe import sweep  # noqa: E402
 
 
 # --- Expansion, names, overrides (in-process, fast) ---------------------------------------
@@ -78,7 +67,7 @@ def test_bad_sweeps_are_refused():
   assert sweep.parse_set(base, ['num_steps=3', 'mesh=(1, 2, 1)', 'data.data_dir=/x',
                                 'progress_bar=False']) == {
       'num_steps': 3, 'mesh': (1, 2, 1), 'data.data_dir': '/x', 'progress_bar': False}
-  assert sweep.config_args('configs/switch.py:cpu', sweep.Run('r', {}, {
+  assert sweep.config_args('configs/switch.py:cpu', sweep.SweepRun('r', {}, {
       'mesh': (1, -1, 1), 'moe.train_capacity_factor': 1.0, 'data.name': 'c4/en'})) == [
       '--config', 'configs/switch.py:cpu', '--config.mesh=(1, -1, 1)',
       '--config.moe.train_capacity_factor=1.0', '--config.data.name=c4/en']

@@ -30,7 +30,8 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moe import data, eval_lib, plan, routes_report, run_config, sharding, train_lib  # noqa: E402
+from moe import data, eval_lib, optimizer, plan, routes_report, run_config  # noqa: E402
+from moe import sharding, train_lib  # noqa: E402
 from moe import metrics as metrics_lib  # noqa: E402
 from moe.checkpoint import Checkpointer, CheckpointError, checkpoint_steps  # noqa: E402
 from moe.config import ConfigError  # noqa: E402
@@ -102,7 +103,7 @@ def _eval_lines(lines):
 def _train(c, workdir):
   with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='.*NOT causal.*')
-    return train_lib.train(c, str(workdir))
+    return train_lib.train(run_config.build(c), str(workdir))
 
 
 @pytest.fixture(scope='session')
@@ -127,7 +128,7 @@ def _check_two_steps(name, c, original, workdir, result):
     assert c.moe is None and 'dropped_fraction' not in result['train']
     return
   assert c.moe.to_dict() == original.moe.to_dict()
-  model = run_config.model_config(c)
+  model = run_config.build(c).model
   num_moe = sum(model.is_moe_layer(i) for i in range(model.num_layers))
   assert num_moe >= 1
   load = result['train']['expert_load']
@@ -151,8 +152,8 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
   original = _recipe(name).get_config(variant)
   if variant == 'gpu':
     # One GPU, bf16, a few hundred million parameters: built and validated.
-    run = run_config.validate(original, 1)
-    assert run.mesh_shape == (1, 1, 1) and run.model.dtype == 'bfloat16'
+    run = run_config.build(original)
+    assert run.mesh_shapes(1)[0] == (1, 1, 1) and run.model.dtype == 'bfloat16'
     assert 0.2e9 <= run.model.num_params <= 0.8e9, run.model.num_params
     assert _count(_abstract_params(run.model)) == run.model.num_params
     return
@@ -160,11 +161,11 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
     # Built and validated on an 8-GPU node and a 32-device slice (4 nodes
     # only on 32); not trained.
     for devices in (32,) if variant == '1b_4nodes' else (8, 32):
-      run = run_config.validate(_recipe(name).get_config(variant), devices)
-      assert math.prod(run.mesh_shape) == devices
+      shapes = run_config.build(_recipe(name).get_config(variant)).mesh_shapes(devices)
+      assert math.prod(shapes[0]) == devices
     if variant == '1b_4nodes':
-      assert (run.mesh_shape, run.dcn_mesh_shape) == ((4, 8, 1), (4, 1, 1))
-    model = run_config.model_config(original)
+      assert shapes == ((4, 8, 1), (4, 1, 1))
+    model = run_config.build(original).model
     print(f'{name}:{variant} total params {model.num_params / 1e9:.3f}B, '
           f'active {model.num_active_params / 1e9:.3f}B')
     assert 0.7e9 <= model.num_params <= 1.6e9, (
@@ -176,8 +177,8 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
     if variant == '1b_fsdp':
       # On 32 devices, mesh (4, 8, 1): FSDP holds a quarter of the weights
       # per device (all but the norm scales have a d_model axis).
-      assert (run.mesh_shape, original.fsdp) == ((4, 8, 1), True)
-      sizes = dict(zip(sharding.MESH_AXES, run.mesh_shape))
+      assert (shapes[0], original.fsdp) == ((4, 8, 1), True)
+      sizes = dict(zip(sharding.MESH_AXES, shapes[0]))
       replicated, sharded = (plan.tree_bytes(params, sizes, sharding.rules(f))
                              for f in (False, True))
       assert sharded / replicated == pytest.approx(1 / 4, rel=0.01)
@@ -185,7 +186,7 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
   # The recipe as shipped validates on the single CPU device it targets.
   with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='.*NOT causal.*')
-    run_config.validate(original, 1)
+    run_config.build(original).mesh_shapes(1)
   if (name, variant) == ('switch', 'cpu'):
     c, workdir, result = switch_run
   else:
@@ -193,7 +194,7 @@ def test_config_builds_validates_and_runs(name, variant, data_dir, switch_run, t
     workdir = str(tmp_path)
     if c.moe is not None and c.moe.router == 'experts_choose':
       with pytest.warns(UserWarning, match='NOT causal'):
-        result = train_lib.train(c, workdir)
+        result = train_lib.train(run_config.build(c), workdir)
     else:
       result = _train(c, workdir)
   _check_two_steps(name, c, original, workdir, result)
@@ -429,7 +430,7 @@ def test_sentencepiece_end_to_end(tmp_path):
   c = _shrink(_recipe('dense').get_config('cpu'), str(tmp_path / 'tfds'))
   c.data.update(name='text_files', text_files=str(root))
   texts = [ex['text'].decode('utf-8', 'replace') for ex in
-           data.prepare(run_config.data_config(c)).as_data_source('train')]
+           data.prepare(run_config.build(c).data).as_data_source('train')]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=model, vocab_size=1000,
@@ -439,18 +440,18 @@ def test_sentencepiece_end_to_end(tmp_path):
   (tmp_path / 'spm.model').write_bytes(model.getvalue())
   c.data.tokenizer = str(tmp_path / 'spm.model')
   sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-  assert data.get_tokenizer(run_config.data_config(c)).vocab_size == 1024
-  assert data.vocab_size(run_config.data_config(c)) == 1024
+  assert data.get_tokenizer(run_config.build(c).data).vocab_size == 1024
+  assert data.vocab_size(run_config.build(c).data) == 1024
 
   workdir = str(tmp_path / 'run')
   trained = _train(c, workdir)
   assert trained['step'] == 2 and math.isfinite(trained['eval']['loss'])
-  result = eval_lib.run_eval(c, workdir)
+  result = eval_lib.run_eval(run_config.build(c), workdir)
   assert result['loss'] == pytest.approx(trained['eval']['loss'], rel=1e-5)
 
   # The evaluated targets' bytes, from the pieces: '▁' is a space, a
   # byte-fallback piece one byte, EOS none.
-  batches = data.eval_set(run_config.data_config(c), seq_len=c.seq_len,
+  batches = data.eval_set(run_config.build(c).data, seq_len=c.seq_len,
                           batch_size=c.batch_size, max_batches=c.final_eval_batches)
   targets = np.concatenate([b.tokens[:, 1:][b.weights > 0].ravel() for b in batches])
   assert len(targets) == result['tokens']
@@ -465,7 +466,7 @@ def test_sentencepiece_end_to_end(tmp_path):
 
 
 def test_eval_checkpoint_step_selection():
-  r = eval_lib.Restored(run=None, setup=None, checkpoint_steps=[200, 400])
+  r = eval_lib.Prepared(trainer=None, checkpoint_steps=[200, 400])
   assert eval_lib.checkpoint_step(r, -1, 'w') == 400          # the latest
   assert eval_lib.checkpoint_step(r, 200, 'w') == 200
   with pytest.raises(CheckpointError, match=r'no checkpoint at step 300 in '
@@ -520,17 +521,17 @@ def test_routes_refuses_bad_input_before_restoring(cli_run, data_dir):
   c.data.data_dir = data_dir
   with pytest.raises(ConfigError, match=r'layer=4 is not an MoE layer index; the '
                      r'model has 4 MoE layers: 0\.\.3'):
-    routes_report.run(c, cli_run['workdir'], layer=4)
+    routes_report.run(run_config.build(c), cli_run['workdir'], layer=4)
   with pytest.raises(CheckpointError, match=r'no checkpoint at step 7'):
-    routes_report.run(c, cli_run['workdir'], step=7)
+    routes_report.run(run_config.build(c), cli_run['workdir'], step=7)
   c.final_eval_batches = 1
   with pytest.raises(ConfigError, match=r'code_line=100000 is past the end of '
                      r'document 3, which has \d+ lines'):
-    routes_report.run(c, cli_run['workdir'], code_document=3, code_line=100_000)
+    routes_report.run(run_config.build(c), cli_run['workdir'], code_document=3, code_line=100_000)
   dense = _recipe('dense').get_config('cpu')
   dense.data.data_dir = data_dir
   with pytest.raises(ConfigError, match='needs an MoE model'):
-    routes_report.run(dense, cli_run['workdir'])
+    routes_report.run(run_config.build(dense), cli_run['workdir'])
 
 
 def test_train_py_rejects_a_misspelled_override(tmp_path):
@@ -654,14 +655,14 @@ def test_relative_workdir_trains_and_checkpoints(data_dir, tmp_path, monkeypatch
 
 @pytest.mark.parametrize('scale', [0.5, 3.0])   # under and over the limit
 def test_clip_with_the_steps_norm_equals_optax(scale):
-  """train_lib.clip_by_global_norm, given the norm the step computed, clips
+  """optimizer.clip_by_global_norm, given the norm the step computed, clips
   as optax.clip_by_global_norm, which computes it itself (to rounding: it
   multiplies by one scalar where optax divides and multiplies)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   grads = {'a': jnp.arange(6.0).reshape(2, 3) * scale, 'b': jnp.full((4,), -scale)}
   norm = optax.tree.norm(grads)
-  ours, _ = train_lib.clip_by_global_norm(5.0).update(grads, None, grad_norm=norm)
+  ours, _ = optimizer.clip_by_global_norm(5.0).update(grads, None, grad_norm=norm)
   want, _ = optax.clip_by_global_norm(5.0).update(grads, optax.EmptyState())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, want)
   assert (float(norm) < 5.0) == (scale == 0.5)
@@ -674,5 +675,5 @@ def test_clip_at_exactly_the_limit_leaves_the_gradients_unchanged():
   grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.zeros((2, 2))}   # norm 5 exactly
   norm = optax.tree.norm(grads)
   assert float(norm) == 5.0
-  ours, _ = train_lib.clip_by_global_norm(5.0).update(grads, None, grad_norm=norm)
+  ours, _ = optimizer.clip_by_global_norm(5.0).update(grads, None, grad_norm=norm)
   jax.tree.map(np.testing.assert_array_equal, ours, grads)

@@ -20,7 +20,8 @@ from flax import nnx  # noqa: E402
 
 from configs import dense as dense_recipe  # noqa: E402
 from configs import switch as switch_recipe  # noqa: E402
-from moe import data, run_config, sharding, train_lib, upcycle  # noqa: E402
+from moe import checkpoint, data, preflight, run_config, sharding, steps, train_lib  # noqa: E402
+from moe.checkpoint import latest_step  # noqa: E402
 from moe.config import ConfigError  # noqa: E402
 from tiny import loop_settings, read_jsonl, shrink_trunk  # noqa: E402
 
@@ -59,26 +60,29 @@ def dense_run(data_dir, tmp_path_factory):
   c = _tiny(dense_recipe.get_config('cpu'), data_dir, steps=2)
   c.mesh = (8, 1, 1)
   workdir = str(tmp_path_factory.mktemp('dense'))
-  train_lib.train(c, workdir)
+  train_lib.train(run_config.build(c), workdir)
   return c, workdir
 
 
 def _first_batch(c):
-  run = run_config.validate(c, jax.device_count())
+  run = run_config.build(c)
   it = data.train_iterator(run.data, seq_len=c.seq_len, batch_size=c.batch_size,
                            seed=c.seed)
   return next(it)
 
 
+def _dense_state(c, workdir):
+  """(trainer, state) of the trained dense run's newest checkpoint."""
+  run = run_config.build(c)
+  s = steps.build(run, sharding.make_mesh(run.mesh_shapes(jax.device_count())[0]))
+  assert latest_step(workdir) == c.num_steps
+  return s, checkpoint.read_state(workdir, c.num_steps, s.abstract_state,
+                                  s.state_shardings)
+
+
 def _dense_loss(c, workdir, tokens):
   """The trained dense model's loss on `tokens` (its newest checkpoint)."""
-  run = run_config.validate(c, jax.device_count())
-  mesh = sharding.make_mesh(run.mesh_shape)
-  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, c.num_steps),
-                      mesh, seed=c.seed)
-  step, params, _ = upcycle.restore_dense(workdir, mesh)
-  assert step == c.num_steps
-  state = s.init(jax.random.key(0))._replace(params=params)
+  s, state = _dense_state(c, workdir)
   batch = data.global_batch(tokens, s.batch_sharding)
   return float(s.eval_step(state, batch)['loss'])
 
@@ -87,7 +91,7 @@ def test_upcycled_loss_at_step_0_equals_dense(dense_run, data_dir, tmp_path):
   dense_c, dense_dir = dense_run
   c = _moe_config(data_dir, dense_dir)
   workdir = str(tmp_path / 'moe')
-  train_lib.train(c, workdir)   # one step: its logged loss is the step-0 loss
+  train_lib.train(run_config.build(c), workdir)   # one step: its logged loss is the step-0 loss
 
   (first,) = [r for r in read_jsonl(workdir) if r['step'] == 1 and 'loss' in r]
   tokens = _first_batch(c)
@@ -104,18 +108,17 @@ def test_upcycled_loss_at_step_0_equals_dense(dense_run, data_dir, tmp_path):
 def test_upcycled_parameters(moe_every, dense_run, data_dir):
   _, dense_dir = dense_run
   c = _moe_config(data_dir, dense_dir, moe_every=moe_every)
-  run = run_config.validate(c, jax.device_count())
-  mesh = sharding.make_mesh(run.mesh_shape)
-  s = train_lib.setup(run.model, train_lib.make_optimizer(c.optimizer, 1), mesh)
+  run = run_config.build(c)
+  s = steps.build(run, sharding.make_mesh(run.mesh_shapes(jax.device_count())[0]))
   fresh = s.init(jax.random.key(c.seed))
   batch = data.global_batch(_first_batch(c), s.batch_sharding)
   fresh_loss = float(s.eval_step(fresh, batch)['loss'])
-  state = upcycle.upcycle_state(c, s, s.init(jax.random.key(c.seed)))
+  state = steps.fresh_state(s, run)   # initialized, then upcycled
   eval_loss = float(s.eval_step(state, batch)['loss'])
   dense_loss = _dense_loss(dense_run[0], dense_dir, _first_batch(c))
   assert eval_loss == pytest.approx(dense_loss, rel=1e-5, abs=1e-6)
   assert abs(fresh_loss - dense_loss) > 1e-3, (fresh_loss, dense_loss)
-  _, dense_params, _ = upcycle.restore_dense(dense_dir, mesh)
+  dense_params = _dense_state(dense_run[0], dense_dir)[1].params
   moe = nnx.to_pure_dict(jax.device_get(state.params))
   dense = nnx.to_pure_dict(jax.device_get(dense_params))
   for layer in range(2):
@@ -142,20 +145,22 @@ def test_upcycled_parameters(moe_every, dense_run, data_dir):
 def test_bad_sources_are_refused(dense_run, data_dir, tmp_path):
   _, dense_dir = dense_run
   missing = str(tmp_path / 'nope')
+  def preflight_check(c):
+    preflight.check(run_config.build(c), str(tmp_path / 'run'), writes=False)
   with pytest.raises(ConfigError, match='nope.*not a directory'):
-    run_config.validate(_moe_config(data_dir, missing), 8)
+    preflight_check(_moe_config(data_dir, missing))
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(ConfigError, match='empty.*no checkpoints'):
-    run_config.validate(_moe_config(data_dir, str(empty)), 8)
+    preflight_check(_moe_config(data_dir, str(empty)))
   with pytest.raises(ConfigError, match='expert_dim=32 must equal.*mlp_dim=64'):
-    run_config.validate(_moe_config(data_dir, dense_dir, expert_dim=32), 8)
+    preflight_check(_moe_config(data_dir, dense_dir, expert_dim=32))
   with pytest.raises(ConfigError, match='num_shared_experts'):
-    run_config.validate(_moe_config(data_dir, dense_dir, num_shared_experts=1), 8)
+    preflight_check(_moe_config(data_dir, dense_dir, num_shared_experts=1))
   c = _tiny(dense_recipe.get_config('cpu'), data_dir, steps=1)
   c.init_from = dense_dir
   with pytest.raises(ConfigError, match='config is dense'):
-    run_config.validate(c, 8)
+    preflight_check(c)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    run_config.validate(_moe_config(data_dir, dense_dir), 8)   # the good one
+    preflight_check(_moe_config(data_dir, dense_dir))   # the good one
