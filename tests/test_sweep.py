@@ -200,6 +200,23 @@ def test_a_bad_run_stops_the_sweep_before_anything_starts(data_dir, tmp_path):
   assert not os.path.exists(workdir)
 
 
+def test_the_launcher_validates_for_its_target_without_a_backend(data_dir, tmp_path):
+  """A sweep's runs are validated for a target of 32 devices on a machine
+  without them, and the launching process starts no jax backend (on a GPU
+  host it would hold the memory its runs need): under a platform that does
+  not exist, any backend would fail."""
+  spec = _write_sweep(tmp_path / 'grid.py', data_dir, {'moe.num_experts': [4, 8]})
+  proc = subprocess.run(
+      [sys.executable, 'scripts/sweep.py', '--sweep', spec, '--workdir', str(tmp_path / 'w'),
+       '--launcher', 'print', '--num_devices=32', '--set=mesh=(-1, 4, 1)',
+       '--set=batch_size=64'],
+      cwd=REPO, env=dict(_env(), JAX_PLATFORMS='no_such_platform'), capture_output=True,
+      text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'sweep grid: 2 runs validated (32 devices each)' in proc.stderr
+  assert proc.stdout.count('train.py') == 2
+
+
 def test_a_local_sweep_into_a_bucket_is_refused(data_dir, tmp_path):
   """The local launcher writes each run's log beside the run: gs:// would
   make a local folder named 'gs:' (sweep.py runs in the repository)."""
