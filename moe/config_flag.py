@@ -5,8 +5,7 @@ A --config.FIELD override of a field that does not exist is reported like
 any other bad flag, in one line that names it and the close match, exit 1.
 ml_collections raises it as a KeyError wrapped in an AttributeError, when
 the flag is defined (it applies sys.argv's overrides to the default config)
-or when flags are parsed; absl would print either as a traceback. No jax
-import here: flags are parsed before jax starts.
+or when flags are parsed; absl would print either as a traceback.
 """
 
 import contextlib

@@ -14,7 +14,7 @@ Writers (`MetricWriter`, process 0 only; other processes get a no-op writer):
     uploaded at each checkpoint (`sync`) and at `close`: object stores
     cannot append (moe.run_dir).
   * a tqdm bar on process 0 showing step, loss and tokens/s. Training passes
-    `progress=config.progress_bar or False`: with configs/base.py's
+    `progress=run.loop.progress_bar or False`: with configs/base.py's
     `progress_bar = True` the bar shows whether or not stderr is a TTY, with
     False it is off. A writer left at `progress=None` shows it only when stderr
     is a TTY (tqdm's `disable=None`), so batch logs are not flooded.

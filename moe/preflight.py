@@ -20,9 +20,6 @@ def check(run: RunConfig, workdir: str, *, writes: bool) -> jax.sharding.Mesh:
     run_dir.check_filesystem(run.resume.init_from, 'init_from')
     upcycle.check_init_from(run.resume.init_from, run.model)
   data.check_source(run.data)
-  if writes:
-    run_dir.check_writable(workdir)
-  else:
-    run_dir.check_filesystem(workdir, 'workdir')
+  run_dir.check_writable(workdir) if writes else run_dir.check_filesystem(workdir, 'workdir')
   # The devices' domains (processes, slices) must fit the two-level layout.
   return sharding.make_mesh(shape, dcn_shape=dcn_shape)

@@ -12,9 +12,8 @@ from jax.experimental import multihost_utils
 
 
 def per_process(obj) -> list:
-  """The JSON-serializable `obj` of every process, in process order (e.g.
-  the checkpoint's data item, written by process 0 alone, holds every
-  process's training-iterator state)."""
+  """The JSON-serializable `obj` of every process, in process order (the
+  checkpoint's data item holds every process's training-iterator state)."""
   if jax.process_count() == 1:
     return [obj]
   raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)

@@ -45,18 +45,18 @@ def is_current(workdir: str, step: int) -> bool:
   return path.exists() and json.loads(path.read_text()).get('step') == step
 
 
-def run(config: RunConfig, workdir: str, *, step: int = -1, stability: bool = True,
+def run(run: RunConfig, workdir: str, *, step: int = -1, stability: bool = True,
         layer: int | None = None, categories: str | None = None,
         code_document: int | None = None, code_line: int | None = None) -> dict:
   """Analyses `workdir`'s checkpoint at `step` (-1: the latest) on the eval
   set of its final evaluation and writes workdir/routes/. `stability`: also
-  route every STABILITY_EVERY-th batch with every other saved checkpoint. `layer`: the MoE layer of the
-  coloured code (default: the one whose experts follow categories most, by
+  route every STABILITY_EVERY-th batch with every other saved checkpoint.
+  `layer`: the MoE layer of the coloured code (default: the one whose experts follow categories most, by
   NMI). The pictured document and line default to the one with the most
   evaluated tokens, a third of the way in."""
   started = time.time()
-  r = eval_lib.prepare(config, workdir)
-  model = config.model
+  r = eval_lib.prepare(run, workdir)
+  model = run.model
   if not model.is_moe:
     raise ConfigError('the routes analysis needs an MoE model; this config '
                       'has moe=None (dense).')
@@ -64,15 +64,15 @@ def run(config: RunConfig, workdir: str, *, step: int = -1, stability: bool = Tr
   if layer is not None and not 0 <= layer < num_layers:
     raise ConfigError(f'layer={layer} is not an MoE layer index; the model '
                       f'has {num_layers} MoE layers: 0..{num_layers - 1}.')
-  categories = categories or default_categories(config.data.name)
+  categories = categories or default_categories(run.data.name)
   labeller = tc.get(categories)
   step = eval_lib.checkpoint_step(r, step, workdir)
-  eval_set = eval_lib.final_eval_set(config)
+  eval_set = eval_lib.final_eval_set(run)
   num_docs = eval_set.num_documents
   if code_document is not None and not 0 <= code_document < num_docs:
     raise ConfigError(f'code_document={code_document} is not a document of '
                       f'the eval set: 0..{num_docs - 1}.')
-  tokenizer = data.get_tokenizer(config.data)
+  tokenizer = data.get_tokenizer(run.data)
   labels = routes.label(eval_set, tokenizer, labeller)   # a bad labeller fails here
   doc, first_line = _code_place(eval_set, labels, code_document, code_line)
   router = model.moe.router

@@ -6,9 +6,9 @@ ConfigError names the bad value and what is valid): `model` (ModelConfig and
 its MoeConfig), `data`, `optimizer`, `eval`, and the top-level keys in `loop`,
 `resume` and `layout`. A key no field has is refused with the closest name.
 The fields' defaults are the only defaults (`default_config()`: configs/base.py).
-Nothing here starts a backend or reads a run directory, so a sweep launcher
-builds runs for another target (`mesh_shapes(n)`); moe.preflight checks the
-machine for train and eval.
+Nothing here starts a backend (`saved` reads a run's config.json), so a sweep
+launcher builds runs for another target (`mesh_shapes(n)`); moe.preflight
+checks the machine for train and eval.
 """
 
 from __future__ import annotations
@@ -154,24 +154,14 @@ class RunConfig:
   eval: EvalConfig = EvalConfig()
   # The ConfigDict as given, as JSON: workdir/config.json, the checkpoints'
   # config item and the drift check on resume (moe.config_drift) keep it.
+  # dataclasses.replace keeps it too: train only what `build` made.
   config_json: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def __post_init__(self):
     _positive(self, '', 'seed', allow_zero=True)
     if self.model.is_moe:
       routing.compute_what_if(self.model.moe, self.eval.compute_what_if)
-    for axis in sharding.spans_domains(self.layout.dcn_mesh):
-      warnings.warn(
-          f'dcn_mesh {tuple(self.layout.dcn_mesh)} puts the {axis} axis across '
-          'domains (nodes or TPU slices): its collectives, the expert all-to-all '
-          'among them, cross the slow network. Prefer data across domains and '
-          f'the {axis} axis inside one (config.mesh).', stacklevel=3)
-    if self.model.is_moe and self.model.moe.router == 'experts_choose':
-      warnings.warn(
-          "moe.router='experts_choose' is NOT causal: each token's routing "
-          'depends on later tokens of its group, so this decoder sees the '
-          'future during training and cannot be sampled autoregressively.',
-          stacklevel=3)
+    sharding.resolve_dcn_shape(self.layout.dcn_mesh)
 
   def mesh_shapes(self, num_devices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(the whole mesh, domains per axis) on `num_devices` devices; refuses
@@ -208,7 +198,8 @@ def _section(cls, values, prefix: str, **resolved):
 
 
 def build(config: ml_collections.ConfigDict) -> RunConfig:
-  """The RunConfig of a ConfigDict; every value checked (ConfigError)."""
+  """The RunConfig of a ConfigDict, every value checked (ConfigError) but
+  the mesh's fit to a device count (`RunConfig.mesh_shapes`)."""
   _known_keys(config, [*_NESTED, *(f.name for c in _FLAT.values()
                                   for f in dataclasses.fields(c))], '')
   flat = {name: _section(cls, {f.name: config[f.name] for f in dataclasses.fields(cls)
@@ -223,10 +214,21 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
   model.pop('moe', None)   # the top-level section
   if not model.get('vocab_size'):   # 0: the tokenizer's
     model['vocab_size'] = data.vocab_size(data_cfg)
-  return RunConfig(model=_section(ModelConfig, model, 'model.', moe=moe),
-                   data=data_cfg, seed=config.get('seed', 0), optimizer=optimizer,
-                   eval=evals, config_json=json.loads(config.to_json_best_effort()),
-                   **flat)
+  run = RunConfig(model=_section(ModelConfig, model, 'model.', moe=moe), data=data_cfg,
+                  seed=config.get('seed', 0), optimizer=optimizer, eval=evals,
+                  config_json=json.loads(config.to_json_best_effort()), **flat)
+  for axis in sharding.spans_domains(run.layout.dcn_mesh):
+    warnings.warn(
+        f'dcn_mesh {tuple(run.layout.dcn_mesh)} puts the {axis} axis across domains '
+        '(nodes or TPU slices): its collectives, the expert all-to-all among them, '
+        'cross the slow network. Prefer data across domains and the '
+        f'{axis} axis inside one (config.mesh).', stacklevel=2)
+  if run.model.is_moe and run.model.moe.router == 'experts_choose':
+    warnings.warn(
+        "moe.router='experts_choose' is NOT causal: each token's routing "
+        'depends on later tokens of its group, so this decoder sees the '
+        'future during training and cannot be sampled autoregressively.', stacklevel=2)
+  return run
 
 
 def saved(workdir: str, key: str) -> RunConfig:

@@ -28,17 +28,21 @@ import math
 import os
 import re
 
-import jax
-from etils import epath
+import matplotlib
 
-from moe import checkpoint, report, run_config, train_lib
-from moe.process_sync import print0
-from moe.run_dir import is_remote
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from etils import epath  # noqa: E402
+
+from moe import checkpoint, preflight, report, run_config, train_lib  # noqa: E402
+from moe.process_sync import print0  # noqa: E402
+from moe.run_dir import is_remote  # noqa: E402
+from moe.user_error import UserError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
   """A sweep that cannot run; the message names the run and the reason."""
 
 
@@ -242,10 +246,11 @@ def status(run_dir: str, num_steps: int, with_eval: bool) -> tuple[str, int | No
 
 def train_unfinished(runs: dict, *, command: str) -> None:
   """Trains here, one after another, each unfinished `workdir -> config` of
-  `runs` (status without eval), after validating all (a bad one fails first)."""
+  `runs` (status without eval), after every run's pre-flight (a bad one
+  fails before any trains)."""
   built = {workdir: run_config.build(config) for workdir, config in runs.items()}
-  for run in built.values():
-    run.mesh_shapes(jax.device_count())
+  for workdir, run in built.items():
+    preflight.check(run, workdir, writes=True)
   for workdir, run in built.items():
     state, done = status(workdir, run.loop.num_steps, with_eval=False)
     print0(f'{workdir}: finished ({done} steps), skipping' if state == 'finished'
@@ -332,9 +337,6 @@ def write_results(rows: list[dict], workdir: str, swept: list[str], metric: str,
 
 def plot_metric(rows, workdir, swept, metric, x) -> str | None:
   """`metric` against swept key `x`, one line per setting of the other keys."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   x = x or swept[0]
   if x not in swept:
     raise SweepError(f'--x={x!r} is not a swept key; choose one of {swept}.')

@@ -1,9 +1,6 @@
-"""`UserError`: the base of every error a user's input or machine causes (a
-config value, an unprepared or damaged dataset, a checkpoint that does not
-fit or cannot be read, a workdir in use, a full disk). The command line
-(moe.config_flag.run, python -m moe.data) reports one in a single line,
-`FATAL <error>: <message>`, exit 1, without a traceback; any other error
-keeps its traceback."""
+"""`UserError`: the base of every error bad input or an unfit machine causes
+(a config value, a dataset, a checkpoint, a workdir in use, a full disk). The
+command line reports one as `FATAL <error>: <message>`, exit 1, no traceback."""
 
 
 class UserError(Exception):

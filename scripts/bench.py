@@ -118,7 +118,8 @@ def _step_fn(run, model_cfg):
   """(call, compile+first-step seconds, compiled, eval call) of the real
   train step, and of its eval step on the same batch."""
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  s = steps.build(dataclasses.replace(run, model=model_cfg, seed=0), mesh)
+  s = steps.build(dataclasses.replace(run, model=model_cfg, seed=0, eval=run_config.EvalConfig(),
+                                      layout=run_config.LayoutConfig()), mesh)
   tokens = np.random.default_rng(0).integers(
       0, model_cfg.vocab_size, (run.loop.batch_size, run.loop.seq_len + 1), dtype=np.int32)
   t = time.perf_counter()

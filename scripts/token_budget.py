@@ -20,7 +20,11 @@ import os
 import shlex
 import sys
 
+import matplotlib
 from absl import flags
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
@@ -71,9 +75,6 @@ def run_dir(workdir: str, steps: int, seed: int, arm: str) -> str:
 
 
 def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   lines = ['# MoE - dense-active twin, by token budget', '',
            'Final validation loss (nats/token, the final evaluation set) of each '
            'seed; the difference is MoE - twin, its interval 95% over seeds '
