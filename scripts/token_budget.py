@@ -10,7 +10,8 @@ optimizer and schedule) in WORKDIR/steps_{N}/seed_{S}/{moe,dense_active},
 checkpointed at every eval so that a run stopped part way resumes where it
 was; then writes WORKDIR/budget.md (per budget: each seed's final validation
 losses, the MoE - twin difference and its 95% interval over seeds) and
-WORKDIR/budget_gap.png (the gap against training tokens). Sparse models need
+WORKDIR/budget_gap.png (the gap against training tokens, each seed's and
+the mean with its 95% interval over seeds). Sparse models need
 tokens to fill their parameters; this shows from which budget on the MoE
 pays at this size, or that it does not. Re-running skips finished runs;
 --report_only redraws.
@@ -74,6 +75,33 @@ def run_dir(workdir: str, steps: int, seed: int, arm: str) -> str:
   return os.path.join(workdir, f'steps_{steps}', f'seed_{seed}', arm)
 
 
+def _plot(path: str, points: list, gaps: list) -> None:
+  """The gap against training tokens: each seed's, the mean and its 95%
+  interval over seeds (for a budget with two seeds or more)."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if points:
+    xs, ys = zip(*points)
+    ax.scatter(xs, ys, color='C0', alpha=0.5, label='one seed')
+    gaps = sorted(gaps, key=lambda gap: gap[0])
+    ax.plot([x for x, _ in gaps], [iv.mean for _, iv in gaps], color='C0', label='mean')
+    with_seeds = [(x, iv) for x, iv in gaps if iv.kind == 'seeds']
+    if with_seeds:
+      ax.errorbar([x for x, _ in with_seeds], [iv.mean for _, iv in with_seeds],
+                  yerr=[[iv.mean - iv.low for _, iv in with_seeds],
+                        [iv.high - iv.mean for _, iv in with_seeds]],
+                  fmt='none', ecolor='C0', capsize=4, label='95% interval over seeds')
+    ax.legend()
+  ax.axhline(0, color='k', lw=0.8)
+  ax.set_xscale('log')
+  ax.set_xlabel('training tokens')
+  ax.set_ylabel('MoE - dense-active twin\nfinal validation loss (nats)')
+  ax.set_title('Below 0: the MoE is ahead')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
   lines = ['# MoE - dense-active twin, by token budget', '',
            'Final validation loss (nats/token, the final evaluation set) of each '
@@ -83,7 +111,7 @@ def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
            '|---|---|---|---|---|---|']
   summary = ['', '| steps | tokens | seeds | mean MoE - twin | 95% interval | verdict |',
              '|---|---|---|---|---|---|']
-  points = []
+  points, gaps = [], []  # (tokens, one seed's difference); (tokens, Interval)
   for n in steps:
     diffs = []
     for seed in seeds:
@@ -103,28 +131,11 @@ def write_report(workdir: str, steps: list[int], seeds: list[int]) -> str:
                    f"{finals['dense_active']:.4f} | {d:+.4f} |")
     if diffs:
       iv = intervals.mean_interval(diffs)
+      gaps.append((tokens, iv))
       interval = f'[{iv.low:+.4f}, {iv.high:+.4f}]' if iv.kind == 'seeds' else '-'
       summary.append(f'| {n} | {tokens:,} | {len(diffs)} | {iv.mean:+.4f} | '
                      f'{interval} | {intervals.verdict(iv)} |')
-  fig, ax = plt.subplots(figsize=(7, 4))
-  if points:
-    xs, ys = zip(*points)
-    ax.scatter(xs, ys, color='C0', label='one seed')
-    by = {}
-    for x, y in points:
-      by.setdefault(x, []).append(y)
-    mx = sorted(by)
-    ax.plot(mx, [sum(by[x]) / len(by[x]) for x in mx], color='C0', label='mean')
-  ax.axhline(0, color='k', lw=0.8)
-  ax.set_xscale('log')
-  ax.set_xlabel('training tokens')
-  ax.set_ylabel('MoE - dense-active twin\nfinal validation loss (nats)')
-  ax.set_title('Below 0: the MoE is ahead')
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'budget_gap.png'), dpi=110)
-  plt.close(fig)
+  _plot(os.path.join(workdir, 'budget_gap.png'), points, gaps)
   path = os.path.join(workdir, 'budget.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines + summary + ['', '![gap](budget_gap.png)', '']))
