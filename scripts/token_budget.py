@@ -1,7 +1,7 @@
 """Where the MoE wins: the MoE - dense-active-twin gap at several token budgets.
 
   python scripts/token_budget.py --config configs/switch.py:cpu \\
-      --workdir runs/budget --steps 600,2400 --seeds 0,1
+      --workdir runs/budget --steps 600,2400,9600 --seeds 0,1,2
 
 For every budget (num_steps; the learning-rate schedule is stretched to it,
 eval_every = num_steps / 4) and seed, trains the MoE of --config and its
@@ -37,7 +37,8 @@ _CONFIG = config_flag.define(os.path.join(ROOT, 'configs', 'switch.py:cpu'),
                              'The MoE config and variant.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/budget', 'Runs and report go here.')
 _STEPS = flags.DEFINE_list('steps', ['600', '2400'], 'Token budgets, in steps.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of every budget.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
+                           'Seeds of every budget (a ranking needs three).')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only redraw the report.')
 
 ARMS = ('moe', 'dense_active')
